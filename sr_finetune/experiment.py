@@ -1,0 +1,18 @@
+"""The config tree of an experiment: one typed section per stage, all in one YAML file.
+
+A recipe validates the whole tree (unknown keys anywhere are errors) and runs its own section;
+sections can refer to each other with OmegaConf interpolation (``${generate.output_dir}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .generation import GenerateConfig
+
+
+@dataclass
+class ExperimentConfig:
+    """All stage sections; see ``recipes/configs/*.yaml`` for annotated examples."""
+
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
