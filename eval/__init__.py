@@ -1,0 +1,1 @@
+"""Baseline-vs-fine-tuned evaluation: generation, scoring, statistics and reports."""

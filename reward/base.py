@@ -1,0 +1,92 @@
+"""The interface every reward model implements, and the registry that loads them by name.
+
+A reward model splits its work in two so that large scoring runs overlap I/O and compute:
+
+* ``preprocess_image(image)`` and ``tokenize(prompts)`` are pure CPU functions, safe to call
+  inside DataLoader workers (they must not touch the model's parameters);
+* ``score(pixel_values, text_inputs)`` is one batched forward on the device and returns a
+  float tensor of shape [N], one score per (image, prompt) row.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from sr_finetune.errors import UserError
+
+
+class RewardModel(torch.nn.Module, abc.ABC):
+    """Base class of all scorers. Subclasses set ``name`` and implement the three methods."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> pixel tensor [C, H, W], exactly as the reference implementation does."""
+
+    @abc.abstractmethod
+    def tokenize(self, prompts: list[str]) -> Any:
+        """Prompts -> token ids (a tensor [N, L] or a dict of tensors), as the reference does."""
+
+    @abc.abstractmethod
+    def score(self, pixel_values: torch.Tensor, text_inputs: Any) -> torch.Tensor:
+        """Batched scores, float tensor [N]; row i scores image i against prompt i."""
+
+    @torch.no_grad()
+    def score_images(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """Convenience for small inputs: preprocess, tokenize and score in one call."""
+        device = next(self.parameters()).device
+        pixels = torch.stack([self.preprocess_image(im) for im in images]).to(device)
+        text = _to_device(self.tokenize(list(prompts)), device)
+        return self.score(pixels, text).float().cpu()
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    return inputs
+
+
+_REGISTRY: dict[str, Callable[..., RewardModel]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+    """Decorator: register ``loader(weights=..., device=..., dtype=..., **kwargs) -> RewardModel``."""
+
+    def wrap(loader: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
+        _REGISTRY[name] = loader
+        return loader
+
+    return wrap
+
+
+def available_rewards() -> list[str]:
+    _import_builtin_scorers()
+    return sorted(_REGISTRY)
+
+
+def load_reward(name: str, weights: str | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", **kwargs: Any) -> RewardModel:
+    """Load a registered reward model; ``weights`` is a hub id or local path (None = published default)."""
+    _import_builtin_scorers()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown reward model '{name}' (available: {', '.join(sorted(_REGISTRY))})")
+    model = _REGISTRY[name](weights=weights, device=device, dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def _import_builtin_scorers() -> None:
+    """Import the modules whose ``@register_reward`` calls fill the registry."""
+    import importlib
+
+    for module in ("reward.clip_scorers", "reward.hpsv2", "reward.pickscore", "reward.imagereward"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real missing dependency, not a scorer not written yet
+                raise
