@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import pandas as pd
 
 from .config import require, to_yaml
+from .distributed import warn_if_single_cpu_launch
 from .errors import ConfigError, UserError
 from .io import atomic_write_parquet, atomic_save_image, read_parts
 from .prompts import PromptSet, load_prompts
@@ -222,6 +223,7 @@ def run_generation(cfg: GenerateConfig) -> GenerationSummary:
 
     require_prompts(cfg)
     prompt_set = load_prompts(cfg.prompts, column=cfg.prompt_column, id_column=cfg.id_column, split=cfg.split, dedupe=cfg.dedupe_prompts, limit=cfg.max_prompts)
+    warn_if_single_cpu_launch()
     state = PartialState(cpu=cfg.device == "cpu")
     if prompt_set.skipped and state.is_main_process:
         logger.warning(prompt_set.skip_summary())

@@ -81,7 +81,7 @@ def set_attention_backend(model: Any, backend: str) -> None:
 
 
 def make_scheduler(name: str, model: str, revision: str | None = None):
-    """Build an inference scheduler from the model's own scheduler config (``"model"`` keeps its class)."""
+    """An inference scheduler built from the model's own scheduler config."""
     import diffusers
 
     classes = {
@@ -93,9 +93,6 @@ def make_scheduler(name: str, model: str, revision: str | None = None):
         "dpmsolver++": diffusers.DPMSolverMultistepScheduler,
         "unipc": diffusers.UniPCMultistepScheduler,
     }
-    if name == "model":
-        config = diffusers.SchedulerMixin.load_config(model, subfolder="scheduler", revision=revision)
-        return getattr(diffusers, config["_class_name"]).from_config(config)
     if name not in classes:
         raise ValueError(f"unknown scheduler '{name}' (expected one of {SCHEDULERS})")
     return classes[name].from_pretrained(model, subfolder="scheduler", revision=revision)
@@ -122,7 +119,8 @@ def load_pipeline(
         variant=variant,
         safety_checker=None,
         requires_safety_checker=False,
-        scheduler=make_scheduler(scheduler, model, revision),
+        # "model" keeps the scheduler class saved with the pipeline.
+        **({} if scheduler == "model" else {"scheduler": make_scheduler(scheduler, model, revision)}),
     )
     set_attention_backend(pipe, attention)
     pipe.to(resolve_device(device) if not isinstance(device, torch.device) else device)
