@@ -1,0 +1,198 @@
+"""PickScore v1 (yuvalkirstain/PickScore_v1): a transformers ``CLIPModel`` (ViT-H-14) fine-tuned
+on Pick-a-Pic preferences. Score = ``logit_scale.exp() * cos(e_text, e_image)``, the pre-softmax
+logit of the reference's ``calc_probs`` (about 18-24 for SD images).
+
+Matches the PickScore README / ``eval_preference_predictor.py`` (SCORERS.md section 6):
+
+* **Model**: ``CLIPModel.from_pretrained(weights)`` in fp32, ``eval()``; ``logit_scale`` is the
+  learned value read from the checkpoint, never assumed to be 100.
+* **Processor**: loaded from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` like the reference (or any
+  folder with the same files). The image processor is pinned to transformers' original
+  PIL/NumPy ``CLIPImageProcessor`` (``use_fast=False`` in transformers 4, ``backend="pil"`` in 5),
+  because the torchvision ("fast") one differs slightly. It converts to RGB *before* resizing,
+  resizes the shortest edge to 224 with PIL bicubic (long side truncated by ``int``) and centre
+  crops with a floor offset, ``(H - 224) // 2``, which can sit 1 px away from torchvision's
+  rounded offset when the excess is odd. The tokenizer is the processor folder's
+  ``AutoTokenizer`` (the fast one, as ``AutoProcessor`` gives the reference).
+* **Text**: truncation at 77 tokens. We pad to ``max_length`` (77) instead of the README's
+  ``padding=True`` so that prompts tokenised one by one in DataLoader workers stack into a batch;
+  CLIP's text encoder is causal and pools at the EOS token, so pad tokens after it cannot change
+  the features (the training code padded to max_length too).
+* **Scale**: ``scale="raw"`` (default) returns the reference's value, the number PickScore's own
+  README, leaderboards and most papers call PickScore. ``scale="div100"`` divides by 100, the
+  form the Social Reward paper's tables print (0.199-0.201); with exp(logit_scale) ~ 100 it is
+  nearly the raw cosine. Rankings and win-rates do not depend on the choice.
+* **Batching**: the reference scores all images of one prompt in one forward with the text
+  encoded once; we score N (image, prompt) rows in one forward, which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sr_finetune.clip_vocab import VOCAB_SIZE, write_clip_tokenizer
+from sr_finetune.errors import UserError
+from sr_finetune.models import resolve_device, resolve_dtype
+
+from .base import RewardModel, register_reward
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+MAX_LENGTH = 77
+SCALES = {"raw": 1.0, "div100": 0.01}
+
+# preprocessor_config.json of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (legacy feature-extractor
+# layout, as published): shortest edge 224, centre crop 224, PIL bicubic, OpenAI mean/std.
+LAION_VIT_H_14_PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": list(OPENAI_CLIP_MEAN),
+    "image_std": list(OPENAI_CLIP_STD),
+    "resample": 3,
+    "size": 224,
+}
+# open_clip zero-pads, and the laion ViT-H-14 tokenizer pads with "!" (id 0) to match.
+LAION_PAD_TOKEN = "!"
+
+
+class PickScoreReward(RewardModel):
+    """PickScore scorer around a transformers ``CLIPModel``; see the module docstring."""
+
+    name = "pickscore"
+
+    def __init__(self, model: torch.nn.Module, image_processor: Any, tokenizer: Any, *, scale: str = "raw"):
+        super().__init__()
+        if scale not in SCALES:
+            raise UserError(f"unknown pickscore scale '{scale}' (expected one of {sorted(SCALES)})")
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.scale = scale
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def encode(self, pixel_values: torch.Tensor, text_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised image and text embeddings, [N, D] each (projected pooled outputs, as
+        ``get_image_features`` / ``get_text_features``; spelled out to be the same in
+        transformers 4 and 5, whose return types differ)."""
+        model = self.model
+        pixel_values = pixel_values.to(model.visual_projection.weight.dtype)
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+        text_out = model.text_model(input_ids=text_inputs["input_ids"], attention_mask=text_inputs.get("attention_mask"))
+        text_embeds = model.text_projection(text_out.pooler_output)
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        return image_embeds, text_embeds
+
+    def score(self, pixel_values: torch.Tensor, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        image_embeds, text_embeds = self.encode(pixel_values, text_inputs)
+        # diag(e_t @ e_i.T) of the reference, row by row
+        cosine = (text_embeds * image_embeds).sum(dim=-1)
+        return (self.model.logit_scale.exp() * cosine * SCALES[self.scale]).float()
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def load_pickscore_image_processor(source: str | os.PathLike) -> Any:
+    """The original PIL/NumPy ``CLIPImageProcessor`` of ``source`` (hub id or folder), never the
+    torchvision ("fast") one."""
+    from transformers import AutoImageProcessor
+
+    pin = {"backend": "pil"} if _transformers_version() >= (5, 0) else {"use_fast": False}
+    processor = AutoImageProcessor.from_pretrained(str(source), **pin)
+    if type(processor).__name__.endswith("Fast") or "Torchvision" in [c.__name__ for c in type(processor).__mro__]:
+        raise UserError(f"could not load the PIL CLIP image processor from {source} (got {type(processor).__name__})")
+    return processor
+
+
+def _load_clip_model(source: str | os.PathLike) -> torch.nn.Module:
+    from transformers import CLIPModel
+
+    fp32 = {"dtype": torch.float32} if _transformers_version() >= (4, 56) else {"torch_dtype": torch.float32}
+    return CLIPModel.from_pretrained(str(source), **fp32)
+
+
+@register_reward("pickscore")
+def load_pickscore(
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    *,
+    processor: str | os.PathLike | None = None,
+    scale: str = "raw",
+) -> PickScoreReward:
+    """Load PickScore: ``weights`` = CLIPModel hub id or folder (None = ``yuvalkirstain/PickScore_v1``),
+    ``processor`` = processor hub id or folder (None = ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
+    ``scale`` = ``"raw"`` (reference value) or ``"div100"`` (Social Reward's tables)."""
+    from transformers import AutoTokenizer
+
+    processor = processor or PICKSCORE_PROCESSOR
+    image_processor = load_pickscore_image_processor(processor)
+    tokenizer = AutoTokenizer.from_pretrained(str(processor))
+    model = _load_clip_model(weights or PICKSCORE_MODEL)
+    model = model.to(device=resolve_device(str(device)), dtype=resolve_dtype(dtype)).eval()
+    return PickScoreReward(model, image_processor, tokenizer, scale=scale).eval()
+
+
+def write_laion_vit_h_14_processor(out_dir: str | os.PathLike) -> Path:
+    """Write the processor files of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` offline: the real
+    CLIP BPE tokenizer (``!`` padding) and the laion ``preprocessor_config.json``."""
+    out = write_clip_tokenizer(out_dir, pad_token=LAION_PAD_TOKEN, model_max_length=MAX_LENGTH)
+    (out / "preprocessor_config.json").write_text(json.dumps(LAION_VIT_H_14_PREPROCESSOR_CONFIG, indent=2))
+    return out
+
+
+def make_tiny_pickscore(out_dir: str | os.PathLike, seed: int = 0, logit_scale: float = 4.5) -> Path:
+    """Write a tiny PickScore folder: a ``CLIPModel`` of the same family (GELU, 224 px, patch 14,
+    real vocabulary, 77 positions) with seeded random weights and ``logit_scale`` (exp(4.5) ~ 90,
+    deliberately not 100), plus the laion processor files, so ``weights=processor=out_dir``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text_config = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH, hidden_act="gelu", projection_dim=32,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1,  # legacy ids of the laion conversion: pools at argmax(ids) = EOS
+    )
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=224, patch_size=14, hidden_act="gelu", projection_dim=32,
+    )
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32, logit_scale_init_value=logit_scale)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(logit_scale)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    write_laion_vit_h_14_processor(out)
+    return out
+
+
+__all__ = [
+    "LAION_VIT_H_14_PREPROCESSOR_CONFIG",
+    "PickScoreReward",
+    "load_pickscore",
+    "load_pickscore_image_processor",
+    "make_tiny_pickscore",
+    "write_laion_vit_h_14_processor",
+]
