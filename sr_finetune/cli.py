@@ -2,6 +2,7 @@
 
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune generate [--config FILE] [key=value ...]
+    sr-finetune score [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -29,18 +30,33 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=20 or generate.steps=20")
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from .experiment import ExperimentConfig
+def _stage(section: str, run: Callable[[object], object]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that loads the experiment config, then runs one stage on its section."""
 
-    cfg = load_config(ExperimentConfig, args.config, args.overrides, section="generate")
-    if args.print_config:
-        print(to_yaml(cfg.generate), end="")
+    def handler(args: argparse.Namespace) -> int:
+        from .experiment import ExperimentConfig
+
+        cfg = load_config(ExperimentConfig, args.config, args.overrides, section=section)
+        if args.print_config:
+            print(to_yaml(getattr(cfg, section)), end="")
+            return 0
+        summary = run(getattr(cfg, section))
+        logger.info(summary.line())
         return 0
+
+    return handler
+
+
+def _generate(cfg):
     from .generation import run_generation
 
-    summary = run_generation(cfg.generate)
-    logger.info(summary.line())
-    return 0
+    return run_generation(cfg)
+
+
+def _score(cfg):
+    from reward.scoring import run_scoring
+
+    return run_scoring(cfg)
 
 
 def _run_tiny_model(args: argparse.Namespace) -> int:
@@ -60,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_run_tiny_model)
 
-    gen = sub.add_parser("generate", help="generate images for a prompt set (sharded, resumable)")
-    _add_config_args(gen)
-    gen.set_defaults(func=_run_generate)
+    stages = [
+        ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
+        ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
+    ]
+    for command, section, run, help_text in stages:
+        stage = sub.add_parser(command, help=help_text)
+        _add_config_args(stage)
+        stage.set_defaults(func=_stage(section, run))
     return parser
 
 

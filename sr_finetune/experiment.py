@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reward.scoring import ScoreConfig
+
 from .generation import GenerateConfig
 
 
@@ -16,3 +18,4 @@ class ExperimentConfig:
     """All stage sections; see ``recipes/configs/*.yaml`` for annotated examples."""
 
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)

@@ -1,0 +1,108 @@
+import os
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from reward.hpsv2 import make_tiny_hpsv2
+from reward.pickscore import make_tiny_pickscore
+from reward.scoring import ScoreConfig, read_errors, read_image_table, run_scoring
+from sr_finetune.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_scorers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorers")
+    hps = make_tiny_hpsv2(root / "hps")
+    pick = make_tiny_pickscore(root / "pick")
+    weights = {"hpsv2": str(hps), "pickscore": str(pick)}
+    options = {"hpsv2": {"model_config": "tiny"}, "pickscore": {"processor": str(pick)}}
+    return weights, options
+
+
+@pytest.fixture
+def sid_table(shared_data, tmp_path):
+    """Eight real 512 px generated images with their prompts, plus four broken files."""
+    sid = shared_data / "images" / "sid_lsg"
+    manifest = pd.read_csv(sid / "manifest.csv").head(8)
+    rows = [{"image_id": f"sid{i}", "path": str(sid / p), "prompt": t} for i, (p, t) in enumerate(zip(manifest.image_path, manifest.prompt))]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    good = (sid / manifest.image_path.iloc[0]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 3])
+    rows += [
+        {"image_id": "missing", "path": str(tmp_path / "nope.png"), "prompt": "x"},
+        {"image_id": "empty", "path": str(tmp_path / "empty.png"), "prompt": "x"},
+        {"image_id": "text", "path": str(tmp_path / "text.png"), "prompt": "x"},
+        {"image_id": "truncated", "path": str(tmp_path / "truncated.png"), "prompt": "x"},
+    ]
+    path = tmp_path / "images.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def config(tiny_scorers, out, **kw):
+    weights, options = tiny_scorers
+    base = dict(metrics=["hpsv2", "pickscore"], weights=weights, options=options, output_dir=str(out), batch_size=3, num_workers=0, rows_per_part=5, device="cpu")
+    base.update(kw)
+    return ScoreConfig(**base)
+
+
+def test_scores_every_metric_and_records_bad_images(tiny_scorers, sid_table, tmp_path):
+    cfg = config(tiny_scorers, tmp_path / "scores", image_table=str(sid_table))
+    summary = run_scoring(cfg)
+    table = pd.read_parquet(tmp_path / "scores" / "scores.parquet")
+    assert sorted(table.image_id) == sorted(f"sid{i}" for i in range(8))
+    assert table[["hpsv2", "pickscore"]].notna().all().all()
+    errors = read_errors(cfg.output_dir).set_index("image_id").reason
+    assert sorted(errors.index) == ["empty", "missing", "text", "truncated"]
+    assert errors["missing"].startswith("FileNotFoundError")
+    assert summary.scored == 8 and sum(summary.errors.values()) == 4 and summary.parts_total == 3
+
+
+def test_scores_equal_direct_scorer_calls(tiny_scorers, sid_table, tmp_path):
+    from reward import load_reward
+
+    weights, options = tiny_scorers
+    cfg = config(tiny_scorers, tmp_path / "scores", image_table=str(sid_table), num_workers=1)
+    run_scoring(cfg)
+    table = pd.read_parquet(tmp_path / "scores" / "scores.parquet").head(3)
+    images = [Image.open(p) for p in table.path]
+    for metric in ("hpsv2", "pickscore"):
+        direct = load_reward(metric, weights=weights[metric], **options[metric]).score_images(images, list(table.prompt))
+        assert table[metric].tolist() == pytest.approx(direct.tolist(), abs=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_table(tiny_scorers, sid_table, tmp_path):
+    full = config(tiny_scorers, tmp_path / "full", image_table=str(sid_table))
+    run_scoring(full)
+    resumed = config(tiny_scorers, tmp_path / "resumed", image_table=str(sid_table))
+    run_scoring(resumed)
+    # simulate a crash during part 1: its files never got written
+    os.remove(tmp_path / "resumed" / "scores" / "part-00001.parquet")
+    os.remove(tmp_path / "resumed" / "errors" / "part-00001.parquet")
+    before = (tmp_path / "resumed" / "scores" / "part-00000.parquet").stat().st_mtime_ns
+    summary = run_scoring(resumed)
+    assert summary.parts_made == 1
+    assert (tmp_path / "resumed" / "scores" / "part-00000.parquet").stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "full" / "scores.parquet"), pd.read_parquet(tmp_path / "resumed" / "scores.parquet"))
+
+
+def test_scores_a_generations_folder(tiny_sd, tiny_scorers, tmp_path):
+    from sr_finetune.generation import GenerateConfig, run_generation
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    gen = GenerateConfig(model=str(tiny_sd), prompts=str(tmp_path / "p.txt"), output_dir=str(tmp_path / "gen"), images_per_prompt=2, steps=2, height=32, width=32, device="cpu")
+    run_generation(gen)
+    run_scoring(config(tiny_scorers, tmp_path / "scores", generations=gen.output_dir, metrics=["hpsv2"], weights={"hpsv2": tiny_scorers[0]["hpsv2"]}))
+    table = pd.read_parquet(tmp_path / "scores" / "scores.parquet")
+    assert len(table) == 4 and set(table.columns) == {"image_id", "prompt", "path", "hpsv2"}
+
+
+def test_bad_tables_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of score.generations and score.image_table"):
+        read_image_table(ScoreConfig())
+    (tmp_path / "t.csv").write_text("file,prompt\na.png,x\n")
+    with pytest.raises(ValueError, match=r"t.csv: no column 'path' \(columns: file, prompt\)"):
+        read_image_table(ScoreConfig(image_table=str(tmp_path / "t.csv")))
