@@ -106,3 +106,27 @@ def test_bad_tables_are_one_line_errors(tmp_path):
     (tmp_path / "t.csv").write_text("file,prompt\na.png,x\n")
     with pytest.raises(ValueError, match=r"t.csv: no column 'path' \(columns: file, prompt\)"):
         read_image_table(ScoreConfig(image_table=str(tmp_path / "t.csv")))
+
+
+def test_two_processes_score_every_image_once(tiny_scorers, sid_table, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    weights, _ = tiny_scorers
+    out = tmp_path / "scores"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+        str(REPO / "recipes" / "score.py"),
+        f"image_table={sid_table}", "metrics=[hpsv2]", f"weights={{hpsv2: '{weights['hpsv2']}'}}", "options={hpsv2: {model_config: tiny}}",
+        f"output_dir={out}", "rows_per_part=3", "batch_size=2", "num_workers=0", "device=cpu",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = [pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet"))]
+    assert len(parts) == 4
+    ids = pd.concat(parts).image_id
+    assert ids.is_unique and sorted(ids) == sorted(f"sid{i}" for i in range(8))
+    assert "score [1/2]" in result.stderr
