@@ -53,6 +53,12 @@ def _generate(cfg):
     return run_generation(cfg)
 
 
+def _build_pairs(cfg):
+    from .pairs import build_pairs
+
+    return build_pairs(cfg)
+
+
 def _score(cfg):
     from reward.scoring import run_scoring
 
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = [
         ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
         ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
+        ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
     ]
     for command, section, run, help_text in stages:
         stage = sub.add_parser(command, help=help_text)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
+from .pairs import PairsConfig
 
 
 @dataclass
@@ -19,3 +20,4 @@ class ExperimentConfig:
 
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)

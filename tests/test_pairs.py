@@ -1,0 +1,426 @@
+"""The pair builder: best/worst selection, skips by reason, confidence filter, regularisation mix, output."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sr_finetune.pairs import PairsConfig, PairsError, build_pairs, regularization_count, select_pairs
+from sr_finetune.regularization import RegularizationError, read_regularization
+
+
+def write_generations(folder: Path, scores_by_prompt: dict[str, list[float]], prompts: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A `generate`-style folder (tiny real PNGs + manifest.parquet) and a scores parquet beside it."""
+    rows, score_rows = [], []
+    for p, (prompt_id, values) in enumerate(scores_by_prompt.items()):
+        for i, value in enumerate(values):
+            image_id = f"{prompt_id}_{i}"
+            rel = f"images/00000/{image_id}.png"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (p * 40 % 256, i * 60 % 256, 128)).save(folder / rel)
+            rows.append({"image_id": image_id, "prompt_id": prompt_id, "prompt": (prompts or {}).get(prompt_id, f"a photo of {prompt_id}"), "path": rel, "seed": i, "model": "tiny"})
+            score_rows.append({"image_id": image_id, "social_reward": value, "clip": 0.2})
+    pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
+    scores = folder.parent / f"{folder.name}-scores.parquet"
+    pd.DataFrame(score_rows).to_parquet(scores, index=False)
+    return folder, scores
+
+
+def manifest_and_scores(scores_by_prompt: dict[str, list[float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    manifest = pd.DataFrame(
+        [{"image_id": f"{p}_{i}", "prompt_id": p, "prompt": f"a photo of {p}", "path": f"/nowhere/{p}_{i}.png"} for p, vals in scores_by_prompt.items() for i in range(len(vals))]
+    )
+    scores = pd.DataFrame([{"image_id": f"{p}_{i}", "social_reward": v} for p, vals in scores_by_prompt.items() for i, v in enumerate(vals)])
+    return manifest, scores
+
+
+@pytest.fixture(scope="module")
+def sid_lsg(shared_data) -> pd.DataFrame:
+    """The real SiD-LSG example images with their real prompts (absolute paths); the first 6."""
+    root = shared_data / "images" / "sid_lsg"
+    table = pd.read_csv(root / "manifest.csv").head(6)
+    table["abs_path"] = [str(root / p) for p in table["image_path"]]
+    return table
+
+
+# ---- selection -------------------------------------------------------------------------------
+
+
+def test_chosen_is_the_highest_and_rejected_the_lowest_score():
+    manifest, scores = manifest_and_scores({"a": [0.5, 2.0, -1.0, 1.0], "b": [3.0, 4.0]})
+    pairs, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
+    got = {(r.prompt_id, r.role): (r.image_id, r.score) for r in pairs.itertuples()}
+    assert got == {("a", "chosen"): ("a_1", 2.0), ("a", "rejected"): ("a_2", -1.0), ("b", "chosen"): ("b_1", 4.0), ("b", "rejected"): ("b_0", 3.0)}
+    assert list(pairs.role) == ["chosen", "rejected", "chosen", "rejected"]
+
+
+def test_ties_are_broken_by_image_id_and_chosen_differs_from_rejected():
+    manifest, scores = manifest_and_scores({"a": [1.0, 5.0, 5.0, 0.0, 0.0], "flat": [2.0, 2.0, 2.0]})
+    pairs, _ = select_pairs(manifest, scores.iloc[::-1], PairsConfig(), check_files=False)  # input order must not matter
+    got = {(r.prompt_id, r.role): r.image_id for r in pairs.itertuples()}
+    assert got == {("a", "chosen"): "a_1", ("a", "rejected"): "a_4", ("flat", "chosen"): "flat_0", ("flat", "rejected"): "flat_2"}
+
+
+def test_rejected_text_carries_the_negative_token_in_the_configured_format():
+    manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
+    pairs, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
+    assert pairs.set_index("role").text.to_dict() == {"chosen": "a photo of a", "rejected": "t@y quality a photo of a"}
+    hps = PairsConfig(negative_token="Weird image. ", rejected_format="{token}{prompt}")
+    pairs, _ = select_pairs(manifest, scores, hps, check_files=False)
+    assert pairs.set_index("role").text["rejected"] == "Weird image. a photo of a"
+
+
+def test_include_rejected_false_gives_only_chosen_rows():
+    manifest, scores = manifest_and_scores({"a": [1.0, 0.0], "b": [0.0, 1.0]})
+    pairs, _ = select_pairs(manifest, scores, PairsConfig(include_rejected=False), check_files=False)
+    assert list(pairs.role) == ["chosen", "chosen"]
+
+
+def test_every_skip_reason_is_counted(tmp_path):
+    folder, scores_file = write_generations(tmp_path / "gen", {"ok": [1.0, 2.0, 3.0], "nan": [1.0, float("nan"), 2.0], "inf": [float("inf"), 1.0, 0.5], "short": [1.0, 2.0], "gone": [1.0, 2.0, 3.0]})
+    (folder / "images/00000/gone_0.png").unlink()
+    scores = pd.read_parquet(scores_file)
+    scores = scores[scores.image_id != "short_1"]  # an image the scorer could not read
+    extra = pd.DataFrame({"image_id": ["stranger_0", "ok_0"], "social_reward": [9.0, 9.0], "clip": [0.0, 0.0]})  # not in manifest; a repeat
+    pd.concat([scores, extra]).to_parquet(scores_file, index=False)
+    summary = build_pairs(PairsConfig(generations=str(folder), scores=str(scores_file), output_dir=str(tmp_path / "out")))
+    assert summary.skipped == {
+        "score_rows_not_in_manifest": 1,
+        "duplicate_score_rows": 1,
+        "images_without_score": 1,
+        "images_nonfinite_score": 2,
+        "images_file_missing": 1,
+        "prompts_too_few_images": 1,  # "short": one image left
+        "chosen_low_confidence": 0,
+        "rejected_low_confidence": 0,
+        "rejected_over_ratio_cap": 0,
+    }
+    assert summary.counts == {"chosen": 4, "rejected": 4, "regularization": 0}
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["skipped"] == summary.skipped and written["config"]["reward_column"] == "social_reward"
+    assert "1 duplicate_score_rows" not in summary.line() and "duplicate_score_rows 1" in summary.line()
+
+
+def test_nothing_left_is_a_one_line_error_with_the_reasons(tmp_path):
+    folder, scores = write_generations(tmp_path / "gen", {"a": [1.0], "b": [float("nan"), 2.0]})
+    with pytest.raises(PairsError, match=r"^no prompt left to make pairs from \(3 manifest images; skipped: images_nonfinite_score 1, prompts_too_few_images 2\)$"):
+        build_pairs(PairsConfig(generations=str(folder), scores=str(scores), output_dir=str(tmp_path / "out")))
+
+
+def test_duplicate_score_rows_keep_the_first_value():
+    manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
+    scores = pd.concat([scores, pd.DataFrame({"image_id": ["a_1"], "social_reward": [10.0]})])
+    pairs, skipped = select_pairs(manifest, scores, PairsConfig(), check_files=False)
+    assert skipped["duplicate_score_rows"] == 1 and pairs.set_index("role").image_id["chosen"] == "a_0"
+
+
+def test_unknown_reward_column_is_a_one_line_error_listing_the_columns():
+    manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
+    scores["aesthetic"] = 5.0
+    with pytest.raises(PairsError) as err:
+        select_pairs(manifest, scores, PairsConfig(reward_column="hpsv2"), check_files=False)
+    assert str(err.value) == "scores: no reward column 'hpsv2' (available: social_reward, aesthetic); set reward_column"
+
+
+def test_unknown_reward_column_from_files_names_the_scores_file(tmp_path):
+    folder, scores_file = write_generations(tmp_path / "gen", {"a": [1.0, 0.0]})
+    with pytest.raises(PairsError, match=rf"{scores_file}: no reward column 'pickscore' \(available: social_reward, clip\)"):
+        build_pairs(PairsConfig(generations=str(folder), scores=str(scores_file), reward_column="pickscore", output_dir=str(tmp_path / "out")))
+
+
+def test_confidence_filter_matches_a_hand_computed_softmax():
+    # "sure": [3, 1, 0]: p_best = e^3 / (e^3 + e^1 + e^0) = 0.844 > 2/3, p_worst = 1 / (e^-3 + e^-1 + 1) = 0.705 > 2/3: both kept.
+    # "close": [2, 1.9, 0]: p_best = e^2 / (e^2 + e^1.9 + 1) = 0.490 < 2/3: chosen dropped; p_worst = 1 / (e^-2 + e^-1.9 + 1) = 0.778: kept.
+    assert math.exp(3) / (math.exp(3) + math.e + 1) == pytest.approx(0.8438, abs=1e-4)
+    assert math.exp(2) / (math.exp(2) + math.exp(1.9) + 1) == pytest.approx(0.4901, abs=1e-4)
+    manifest, scores = manifest_and_scores({"sure": [3.0, 1.0, 0.0], "close": [2.0, 1.9, 0.0]})
+    pairs, skipped = select_pairs(manifest, scores, PairsConfig(confidence_k=2), check_files=False)
+    assert sorted(zip(pairs.prompt_id, pairs.role)) == [("close", "rejected"), ("sure", "chosen"), ("sure", "rejected")]
+    assert skipped["chosen_low_confidence"] == 1 and skipped["rejected_low_confidence"] == 0
+
+
+def test_confidence_temperature_rescales_raw_cosine_scores():
+    # HPS v1 softmaxed 100 * cosine: raw cosines with T = 0.01 must equal x100 scores with T = 1.
+    raw = {"p": [0.215, 0.201, 0.2, 0.199], "q": [0.21, 0.2095, 0.209, 0.18]}
+    manifest, scores = manifest_and_scores(raw)
+    scaled = scores.assign(social_reward=scores.social_reward * 100)
+    a, _ = select_pairs(manifest, scores, PairsConfig(confidence_k=2, confidence_temperature=0.01), check_files=False)
+    b, _ = select_pairs(manifest, scaled, PairsConfig(confidence_k=2), check_files=False)
+    assert list(zip(a.prompt_id, a.role)) == list(zip(b.prompt_id, b.role)) == [("p", "chosen"), ("q", "rejected")]
+
+
+def test_rejected_ratio_cap_subsamples_deterministically_from_the_seed():
+    manifest, scores = manifest_and_scores({f"p{i}": [1.0, 0.0] for i in range(10)})
+    cfg = PairsConfig(max_rejected_ratio=0.3, seed=7)
+    first, skipped = select_pairs(manifest, scores, cfg, check_files=False)
+    again, _ = select_pairs(manifest, scores, cfg, check_files=False)
+    assert (first.role == "rejected").sum() == 3 and (first.role == "chosen").sum() == 10
+    assert skipped["rejected_over_ratio_cap"] == 7
+    pd.testing.assert_frame_equal(first, again)
+    other, _ = select_pairs(manifest, scores, PairsConfig(max_rejected_ratio=0.3, seed=8), check_files=False)
+    assert set(other[other.role == "rejected"].prompt_id) != set(first[first.role == "rejected"].prompt_id)
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="^min_images_per_prompt: must be >= 2"):
+        PairsConfig(min_images_per_prompt=1).validate()
+    with pytest.raises(ValueError, match="^rejected_format: '{negative} {prompt}'"):
+        PairsConfig(rejected_format="{negative} {prompt}").validate()
+    with pytest.raises(ValueError, match="^on_short_regularization: must be 'error' or 'warn'"):
+        PairsConfig(on_short_regularization="ignore").validate()
+    PairsConfig().validate()
+
+
+def test_pairs_config_loads_from_yaml_with_one_line_errors(tmp_path):
+    from dataclasses import dataclass, field
+
+    from sr_finetune.config import load_config
+    from sr_finetune.errors import ConfigError
+
+    @dataclass
+    class Tree:
+        pairs: PairsConfig = field(default_factory=PairsConfig)
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("pairs:\n  confidence_k: 2\n  regularization_share: 0.25\n")
+    tree = load_config(Tree, path, ["max_rejected_ratio=1.0"], section="pairs")
+    assert (tree.pairs.confidence_k, tree.pairs.regularization_share, tree.pairs.max_rejected_ratio) == (2, 0.25, 1.0)
+    with pytest.raises(ConfigError, match=r"^config error: pairs\.regularization_share: must be in \[0, 1\), got 1\.0$"):
+        load_config(Tree, path, ["regularization_share=1.0"], section="pairs")
+
+
+# ---- regularisation sources ------------------------------------------------------------------
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path, sid_lsg):
+    folder = tmp_path / "laion"
+    (folder / "train").mkdir(parents=True)
+    lines = []
+    for i, row in enumerate(sid_lsg.head(3).itertuples()):
+        Path(folder / "train" / f"{i}.png").symlink_to(row.abs_path)
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": row.prompt}))
+    lines.append(json.dumps({"file_name": "missing.png", "text": "gone"}))
+    lines.append(json.dumps({"file_name": "0.png", "text": ""}))
+    (folder / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    reg = read_regularization(str(folder))
+    assert reg.format == "imagefolder" and len(reg) == 3
+    assert list(reg.rows.text) == list(sid_lsg.prompt.head(3))
+    assert reg.skipped == {"missing_file": 1, "empty_caption": 1}
+
+
+def test_imagefolder_with_metadata_csv_and_a_named_caption_column(tmp_path, sid_lsg):
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    for i, row in enumerate(sid_lsg.head(2).itertuples()):
+        Path(folder / f"{i}.png").symlink_to(row.abs_path)
+    pd.DataFrame({"file_name": ["0.png", "1.png"], "TEXT": sid_lsg.prompt.head(2)}).to_csv(folder / "metadata.csv", index=False)
+    assert list(read_regularization(str(folder), caption_column="TEXT").rows.text) == list(sid_lsg.prompt.head(2))
+    with pytest.raises(RegularizationError, match=r"metadata.csv: no caption column 'caption' \(columns: file_name, TEXT\)"):
+        read_regularization(str(folder), caption_column="caption")
+
+
+def test_imagefolder_with_same_stem_txt_captions(tmp_path, sid_lsg):
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    for i, row in enumerate(sid_lsg.head(3).itertuples()):
+        Path(folder / f"{i:03d}.png").symlink_to(row.abs_path)
+        if i < 2:
+            (folder / f"{i:03d}.txt").write_text(row.prompt + "\n")
+    reg = read_regularization(str(folder))
+    assert list(reg.rows.key) == ["000.png", "001.png"] and list(reg.rows.text) == list(sid_lsg.prompt.head(2))
+    assert reg.skipped == {"no_caption": 1}
+
+
+def test_parquet_with_relative_paths_and_with_bytes(tmp_path, sid_lsg):
+    (tmp_path / "imgs").mkdir()
+    for i, row in enumerate(sid_lsg.head(2).itertuples()):
+        Path(tmp_path / "imgs" / f"{i}.png").symlink_to(row.abs_path)
+    pd.DataFrame({"image_path": ["imgs/0.png", "imgs/1.png", "imgs/none.png"], "caption": [*sid_lsg.prompt.head(2), "x"]}).to_parquet(tmp_path / "paths.parquet")
+    reg = read_regularization(str(tmp_path / "paths.parquet"))
+    assert reg.format == "parquet" and len(reg) == 2 and reg.skipped == {"missing_file": 1}
+    assert reg.rows.path.iloc[0] == str(tmp_path / "imgs" / "0.png")
+
+    blobs = [Path(p).read_bytes() for p in sid_lsg.abs_path.head(2)]
+    pd.DataFrame({"jpg": blobs + [None], "caption": [*sid_lsg.prompt.head(2), "no image"]}).to_parquet(tmp_path / "bytes.parquet")
+    reg = read_regularization(str(tmp_path / "bytes.parquet"))
+    assert len(reg) == 2 and reg.skipped == {"no_image": 1}
+
+
+def make_webdataset(folder: Path, images: list[Path], captions: list[str], per_tar: int = 2) -> Path:
+    """Shards as img2dataset writes them: 00000.tar with 000000000.jpg + .txt + .json, plus a parquet beside."""
+    folder.mkdir(parents=True)
+    for shard in range(math.ceil(len(images) / per_tar)):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(shard * per_tar, min(len(images), (shard + 1) * per_tar)):
+                key = f"{i:09d}"
+                jpg = io.BytesIO()
+                Image.open(images[i]).convert("RGB").resize((64, 64)).save(jpg, format="JPEG")
+                for ext, data in (("jpg", jpg.getvalue()), ("txt", captions[i].encode()), ("json", json.dumps({"caption": captions[i], "key": key}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        pd.DataFrame({"key": [f"{i:09d}" for i in range(len(images))]}).to_parquet(folder / f"{shard:05d}.parquet")
+    return folder
+
+
+def test_webdataset_tar_shards(tmp_path, sid_lsg):
+    folder = make_webdataset(tmp_path / "wds", list(sid_lsg.abs_path.head(3)), list(sid_lsg.prompt.head(3)))
+    reg = read_regularization(str(folder))
+    assert reg.format == "webdataset"
+    assert list(reg.rows.key) == ["00000.tar/000000000", "00000.tar/000000001", "00001.tar/000000002"]
+    assert list(reg.rows.text) == list(sid_lsg.prompt.head(3))
+
+
+def test_hub_id_without_network_is_a_one_line_error():
+    with pytest.raises(RegularizationError, match=r"^cannot load regularisation dataset 'nobody/laion-subset' \(split 'train'\): ") as err:
+        read_regularization("nobody/laion-subset")
+    assert "\n" not in str(err.value)
+
+
+# ---- the mix and the written set ---------------------------------------------------------------
+
+
+def test_regularization_share_arithmetic():
+    assert regularization_count(10, 0.5) == 10  # the paper: half of the final set
+    assert regularization_count(30, 0.25) == 10
+    assert regularization_count(10, 0.0) == 0
+    assert regularization_count(6, 0.75) == 18
+
+
+@pytest.fixture
+def scored(tmp_path):
+    return write_generations(tmp_path / "gen", {"p0": [0.1, 0.9, 0.5], "p1": [2.0, 1.0], "p2": [0.3, 0.2]})
+
+
+def test_regularization_rows_are_the_configured_share_and_seeded(tmp_path, scored, sid_lsg):
+    folder, scores = scored
+    wds = make_webdataset(tmp_path / "wds", list(sid_lsg.abs_path), list(sid_lsg.prompt), per_tar=4)
+    cfg = PairsConfig(generations=str(folder), scores=str(scores), regularization=str(wds), regularization_share=0.5, max_rejected_ratio=0.0, output_dir=str(tmp_path / "a"))
+    summary = build_pairs(cfg)  # 3 chosen, 0 rejected -> 3 regularisation rows
+    assert summary.counts == {"chosen": 3, "rejected": 0, "regularization": 3}
+    assert summary.regularization["available"] == 6 and summary.regularization["used"] == 3
+    first = datasets.load_from_disk(str(tmp_path / "a"))
+    cfg.output_dir = str(tmp_path / "b")
+    build_pairs(cfg)
+    assert datasets.load_from_disk(str(tmp_path / "b"))["image_id"] == first["image_id"]
+    reg_rows = first.filter(lambda r: r["role"] == "regularization")
+    assert set(reg_rows["text"]) <= set(sid_lsg.prompt) and reg_rows["score"] == [None] * 3 and reg_rows["prompt_id"] == [None] * 3
+    assert reg_rows[0]["image"].size == (64, 64)  # tar members are stored as bytes and decode
+
+
+def test_short_regularization_is_an_error_with_both_counts(tmp_path, scored, sid_lsg):
+    folder, scores = scored
+    wds = make_webdataset(tmp_path / "wds", list(sid_lsg.abs_path.head(2)), list(sid_lsg.prompt.head(2)))
+    cfg = PairsConfig(generations=str(folder), scores=str(scores), regularization=str(wds), output_dir=str(tmp_path / "out"))
+    with pytest.raises(PairsError, match=r"has 2 usable image-caption pairs, 6 wanted for share 0.5 of 6 preference rows"):
+        build_pairs(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_short_regularization_warn_uses_all_and_logs_counts(tmp_path, scored, sid_lsg, caplog):
+    folder, scores = scored
+    wds = make_webdataset(tmp_path / "wds", list(sid_lsg.abs_path.head(2)), list(sid_lsg.prompt.head(2)))
+    cfg = PairsConfig(generations=str(folder), scores=str(scores), regularization=str(wds), on_short_regularization="warn", output_dir=str(tmp_path / "out"))
+    with caplog.at_level(logging.WARNING, logger="sr_finetune.pairs"):
+        summary = build_pairs(cfg)
+    assert summary.counts["regularization"] == 2
+    assert "has 2 usable image-caption pairs, 6 wanted" in caplog.text and "using all 2" in caplog.text
+
+
+def test_dataset_round_trip_gives_the_rows_and_lazy_images(tmp_path, scored, sid_lsg):
+    folder, scores = scored
+    laion = tmp_path / "laion"
+    laion.mkdir()
+    for i, row in enumerate(sid_lsg.itertuples()):
+        Path(laion / f"{i}.png").symlink_to(row.abs_path)
+        (laion / f"{i}.txt").write_text(row.prompt)
+    summary = build_pairs(PairsConfig(generations=str(folder), scores=str(scores), regularization=str(laion), regularization_share=0.5, seed=3, output_dir=str(tmp_path / "out")))
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert summary.counts == {"chosen": 3, "rejected": 3, "regularization": 6} and len(ds) == 12
+    assert isinstance(ds.features["image"], datasets.Image)
+    head = ds.select(range(6)).remove_columns("image").to_pandas()
+    assert list(head.role) == ["chosen", "rejected"] * 3
+    assert list(head.image_id) == ["p0_1", "p0_0", "p1_0", "p1_1", "p2_0", "p2_1"]
+    assert list(head.score) == [0.9, 0.1, 2.0, 1.0, 0.3, 0.2]
+    assert head.text[1] == "t@y quality a photo of p0" and head.prompt_id[2] == "p1"
+    raw = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]
+    assert raw["bytes"] is None and raw["path"] == str(folder / "images/00000/p0_1.png")  # stored as a path
+    assert isinstance(ds[0]["image"], Image.Image) and ds[0]["image"].size == (8, 8)
+    reg = ds.select(range(6, 12))
+    assert set(reg["role"]) == {"regularization"} and set(reg["text"]) == set(sid_lsg.prompt)
+    assert reg[0]["image"].size == (512, 512)
+
+
+def test_keep_pairs_writes_one_pair_per_prompt(tmp_path, scored):
+    folder, scores = scored
+    build_pairs(PairsConfig(generations=str(folder), scores=str(scores), keep_pairs=True, max_rejected_ratio=0.0, output_dir=str(tmp_path / "out")))
+    pairs = datasets.load_from_disk(str(tmp_path / "out" / "pairs"))
+    assert pairs["prompt_id"] == ["p0", "p1", "p2"]  # the ratio cap shapes the mix, not the pairs
+    assert pairs["chosen_image_id"] == ["p0_1", "p1_0", "p2_0"] and pairs["rejected_image_id"] == ["p0_0", "p1_1", "p2_1"]
+    assert pairs[0]["rejected_text"] == "t@y quality a photo of p0" and pairs[0]["chosen_score"] == 0.9
+    assert isinstance(pairs[0]["chosen_image"], Image.Image) and isinstance(pairs[0]["rejected_image"], Image.Image)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["pairs"] == 3
+
+
+def test_scores_folder_of_parts_and_rebuild_replaces_the_previous_output(tmp_path, scored):
+    folder, scores = scored
+    parts = tmp_path / "score-run" / "scores"
+    parts.mkdir(parents=True)
+    table = pd.read_parquet(scores)
+    table.iloc[:3].to_parquet(parts / "part-00000.parquet")
+    table.iloc[3:].to_parquet(parts / "part-00001.parquet")
+    cfg = PairsConfig(generations=str(folder), scores=str(tmp_path / "score-run"), output_dir=str(tmp_path / "out"))
+    assert build_pairs(cfg).counts["chosen"] == 3
+    cfg.include_rejected = False
+    assert build_pairs(cfg).counts["chosen"] == 3
+    assert set(datasets.load_from_disk(str(tmp_path / "out"))["role"]) == {"chosen"}
+
+
+def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path, scored):
+    folder, scores = scored
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(PairsError, match="exists and is not a pair-builder output"):
+        build_pairs(PairsConfig(generations=str(folder), scores=str(scores), output_dir=str(tmp_path / "out")))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_embed_images_copies_the_files_into_the_dataset(tmp_path, scored):
+    folder, scores = scored
+    build_pairs(PairsConfig(generations=str(folder), scores=str(scores), embed_images=True, output_dir=str(tmp_path / "out")))
+    raw = datasets.load_from_disk(str(tmp_path / "out")).cast_column("image", datasets.Image(decode=False))[0]["image"]
+    assert raw["bytes"] == (folder / "images/00000/p0_1.png").read_bytes()
+
+
+def test_parquet_bytes_regularization_is_written_as_bytes(tmp_path, scored, sid_lsg):
+    folder, scores = scored
+    blobs = [Path(p).read_bytes() for p in sid_lsg.abs_path]
+    pd.DataFrame({"jpg": blobs, "caption": sid_lsg.prompt}).to_parquet(tmp_path / "laion.parquet", row_group_size=4)
+    build_pairs(PairsConfig(generations=str(folder), scores=str(scores), regularization=str(tmp_path / "laion.parquet"), output_dir=str(tmp_path / "out")))
+    reg = datasets.load_from_disk(str(tmp_path / "out")).filter(lambda r: r["role"] == "regularization")
+    raw = reg.cast_column("image", datasets.Image(decode=False))
+    by_key = dict(zip(raw["image_id"], (r["bytes"] for r in raw["image"])))
+    assert len(by_key) == 6 and all(by_key[f"laion.parquet/{i}"] == blobs[i] for i in range(6))
+    assert dict(zip(reg["image_id"], reg["text"])) == {f"laion.parquet/{i}": p for i, p in enumerate(sid_lsg.prompt)}
+
+
+def test_hub_dataset_rows_are_sampled_without_decoding(monkeypatch, sid_lsg):
+    # No network here: stand in for the hub download with an in-memory `datasets` Dataset.
+    table = datasets.Dataset.from_dict({"image": list(sid_lsg.abs_path), "caption": [*sid_lsg.prompt[:5], ""]}, features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    from sr_finetune.regularization import image_values, sample_rows
+
+    reg = read_regularization("laion/laion-subset")
+    assert reg.format == "hub" and len(reg) == 5 and reg.skipped == {"empty_caption": 1}
+    rows = sample_rows(reg, 2, seed=0)
+    values = image_values(reg, rows)
+    assert [v["path"] for v in values] == [sid_lsg.abs_path[int(r)] for r in rows["row"]]
