@@ -59,6 +59,12 @@ def _build_pairs(cfg):
     return build_pairs(cfg)
 
 
+def _finetune(cfg):
+    from .training import run_finetune
+
+    return run_finetune(cfg)
+
+
 def _score(cfg):
     from reward.scoring import run_scoring
 
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages = [
         ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
         ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
+        ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
         ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
     ]
     for command, section, run, help_text in stages:

@@ -12,6 +12,7 @@ from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
 from .pairs import PairsConfig
+from .training.config import FinetuneConfig
 
 
 @dataclass
@@ -21,3 +22,4 @@ class ExperimentConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

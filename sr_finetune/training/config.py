@@ -1,0 +1,124 @@
+"""Settings of the fine-tuning stage (``finetune:`` in a recipe config).
+
+Defaults follow the Social Reward paper where it states them (UNet and text encoder both
+fine-tuned at 1e-5); the rest are the usual Stable Diffusion fine-tuning defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..config import require
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adamw8bit")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+REPORT_TO = ("tensorboard", "wandb", "none")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the UNet attention projections instead of a full UNet fine-tune (rank 0 = off)."""
+
+    rank: int = 0
+    alpha: Optional[float] = None  # None = rank (scale 1)
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self) -> None:
+        require(self.rank >= 0, "rank", f"must be >= 0 (0 turns LoRA off), got {self.rank}")
+        require(self.alpha is None or self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
+        require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of the fine-tuning stage; see ``sr_finetune/training/trainer.py`` for what each does."""
+
+    # what to train, on what
+    model: str = "stabilityai/stable-diffusion-2-1-base"
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    dataset: Optional[str] = None  # a `datasets.save_to_disk` folder: image, text, role, prompt_id, score
+    output_dir: str = "runs/finetune"
+    negative_token: str = "t@y quality"  # carried by rejected texts; the negative prompt at inference
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prediction_type: Optional[str] = None  # None = the model's scheduler; set it to assert what you expect
+    # data
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    cache_latents: bool = True  # the VAE is always frozen: encode each image once, sample each step
+    cache_text_embeddings: bool = True  # only when the text encoder is frozen
+    dataloader_num_workers: int = 4
+    # schedule
+    train_batch_size: int = 4  # per process
+    gradient_accumulation_steps: int = 1
+    max_train_steps: Optional[int] = None  # optimizer steps; overrides num_epochs when set
+    num_epochs: int = 1
+    # optimisation
+    unet_lr: float = 1e-5
+    text_encoder_lr: float = 1e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw (fused on CUDA) | adamw8bit (bitsandbytes)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    noise_offset: float = 0.0
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023 recommend 5.0); None = off
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    # speed and memory
+    device: str = "auto"  # auto (the accelerator when there is one, else CPU, gloo for several processes) | cpu
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | xformers | eager
+    # checkpoints, validation, logging
+    checkpointing_steps: int = 500  # 0 = only at the end
+    checkpoints_total_limit: Optional[int] = None  # keep the newest K checkpoints
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    validation_prompts: List[str] = field(default_factory=list)
+    validation_steps: int = 500
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    report_to: str = "tensorboard"  # tensorboard | wandb | none
+    seed: int = 0
+    # publishing
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = True
+
+    def validate(self) -> None:
+        from ..models import ATTENTION_BACKENDS
+
+        for key in ("resolution", "train_batch_size", "gradient_accumulation_steps", "num_epochs", "validation_inference_steps"):
+            require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        for key in ("lr_warmup_steps", "dataloader_num_workers", "checkpointing_steps", "validation_steps", "noise_offset", "max_grad_norm", "weight_decay", "unet_lr", "text_encoder_lr"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.resolution % 8 == 0, "resolution", f"must be a multiple of 8, got {self.resolution}")
+        require(self.max_train_steps is None or self.max_train_steps > 0, "max_train_steps", f"must be positive, got {self.max_train_steps}")
+        require(self.train_unet or self.train_text_encoder, "train_unet", "train_unet and train_text_encoder are both false: nothing to train")
+        require(self.lora.rank == 0 or self.train_unet, "lora.rank", "LoRA adapts the UNet; it needs train_unet=true")
+        require(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"must be one of {LR_SCHEDULERS}, got '{self.lr_scheduler}'")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got '{self.optimizer}'")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'")
+        require(self.attention in ATTENTION_BACKENDS, "attention", f"must be one of {ATTENTION_BACKENDS}, got '{self.attention}'")
+        require(self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "prediction_type", f"must be one of {PREDICTION_TYPES}, got '{self.prediction_type}'")
+        require(self.device in ("auto", "cpu"), "device", f"must be auto or cpu, got '{self.device}' (accelerate picks the GPU of each process)")
+        require(self.report_to in REPORT_TO, "report_to", f"must be one of {REPORT_TO}, got '{self.report_to}'")
+        require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be positive, got {self.snr_gamma}")
+        require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "adam_beta1", f"betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        require(self.adam_epsilon > 0, "adam_epsilon", f"must be positive, got {self.adam_epsilon}")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit", f"must be >= 1, got {self.checkpoints_total_limit}")
+        # A cached latent is of one crop of the image; random crops would need a new encode each step.
+        require(not (self.cache_latents and not self.center_crop), "cache_latents", "cache_latents=true needs center_crop=true (random crops change the latents every step); set cache_latents=false for random crops")
+        require(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "push_to_hub=true needs hub_model_id (e.g. 'me/sd21-social-reward')")
+        require(bool(self.negative_token.strip()), "negative_token", "must not be empty")

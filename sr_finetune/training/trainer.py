@@ -1,0 +1,451 @@
+"""Reward-guided fine-tuning of a Stable Diffusion UNet and text encoder, with accelerate.
+
+Supported:
+- full fine-tune of the UNet and/or the text encoder (separate learning rates), or LoRA on the
+  UNet attention projections (merged into the saved UNet); the VAE is always frozen;
+- epsilon and v_prediction models (read from the model's scheduler), min-SNR-gamma weighting,
+  noise offset, EMA of the trained weights, gradient accumulation and clipping, AdamW (fused on
+  CUDA) or 8-bit AdamW (bitsandbytes), fp16 / bf16 mixed precision, gradient checkpointing,
+  SDPA / xformers / eager attention;
+- caches of the latent distribution (mean, logvar; a fresh latent is sampled every step) and,
+  when the text encoder is frozen, of the text embeddings, computed once per row;
+- any number of processes (DDP over NCCL or gloo) from ``accelerate launch``;
+- exact resume: a run stopped at a checkpoint and resumed with ``resume_from_checkpoint: latest``
+  ends with the same weights as one that never stopped (same data order, augmentations, noise,
+  optimizer, LR schedule, EMA and RNG states);
+- validation images every ``validation_steps`` (with EMA weights swapped in, the negative token
+  as negative prompt, the training text encoder reused) to ``validation/`` and the tracker.
+
+Refused (config errors): nothing to train; LoRA without ``train_unet``; ``cache_latents`` with
+random crops; a ``prediction_type`` the model's scheduler does not have; ``push_to_hub`` without
+``hub_model_id``. Untested: FSDP and DeepSpeed (the EMA expects unsharded parameters).
+
+Output: ``output_dir/`` becomes a ``StableDiffusionPipeline`` folder (+ README.md model card,
+config.yaml), beside ``checkpoint-<step>/`` folders, ``logs/`` and ``cache/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import to_yaml
+from ..distributed import warn_if_single_cpu_launch
+from ..errors import ConfigError, MissingDependencyError, UserError
+from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
+from .config import FinetuneConfig
+from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts
+from .export import model_card_text, push_folder, save_pipeline, write_model_card
+from .losses import denoising_loss, min_snr_weights, snr, training_target
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FinetuneSummary:
+    output_dir: str
+    global_step: int
+    max_train_steps: int
+    resumed_from: str | None
+    steps_run: int
+    images_seen: int
+    seconds: float
+    final_loss: float
+    role_counts: dict = field(default_factory=dict)
+    peak_memory_gb: float | None = None
+    hub_url: str | None = None
+
+    def line(self) -> str:
+        rate = self.images_seen / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
+        memory = f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb is not None else ""
+        return (
+            f"finetune: step {self.global_step}/{self.max_train_steps} ({self.steps_run} this run{resumed}), "
+            f"{rate:.1f} img/s{memory}, final loss {self.final_loss:.4f} -> {self.output_dir}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+def resolve_prediction_type(cfg: FinetuneConfig, noise_scheduler) -> str:
+    """The model's prediction type, from its scheduler; a different one in the config is refused."""
+    actual = noise_scheduler.config.prediction_type
+    if cfg.prediction_type is not None and cfg.prediction_type != actual:
+        raise ConfigError(
+            f"config error: prediction_type: config says '{cfg.prediction_type}' but {cfg.model} predicts '{actual}' "
+            "(scheduler/scheduler_config.json); remove prediction_type or use a matching model"
+        )
+    if actual not in ("epsilon", "v_prediction"):
+        raise UserError(f"{cfg.model}: prediction type '{actual}' is not supported (epsilon or v_prediction)")
+    return actual
+
+
+def use_cpu(device: str) -> bool:
+    """``cpu`` -> True; ``auto`` -> True only on a machine without an accelerator (CUDA, MPS, XPU, ...)."""
+    if device == "cpu":
+        return True
+    accelerator_api = getattr(torch, "accelerator", None)
+    return not (accelerator_api.is_available() if accelerator_api is not None else torch.cuda.is_available())
+
+
+def make_accelerator(cfg: FinetuneConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if cfg.report_to == "wandb":
+        from accelerate.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise MissingDependencyError("report_to 'wandb' was asked for but wandb is not installed: pip install 'sr-finetune[wandb]'")
+    return Accelerator(
+        cpu=use_cpu(cfg.device),  # accelerate needs to be told, or a multi-process launch without GPUs runs N single processes
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def add_lora(unet, cfg: FinetuneConfig) -> None:
+    """Freeze the UNet and add trainable LoRA adapters to its attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank, init_lora_weights="gaussian", target_modules=list(cfg.lora.target_modules))
+    )
+
+
+def place(module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a module (loaded in fp32) to the device, casting only when the dtype changes."""
+    module.to(device)
+    if dtype != torch.float32:
+        module.to(dtype=dtype)
+
+
+def build_optimizer(cfg: FinetuneConfig, param_groups: list[dict], device: torch.device):
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise MissingDependencyError("optimizer 'adamw8bit' was asked for but bitsandbytes is not installed: pip install 'sr-finetune[bnb]'") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, fused=True if device.type == "cuda" else None, **kwargs)
+
+
+def _tracker_config(cfg: FinetuneConfig) -> dict:
+    """The config flattened to scalars, as TensorBoard's hparams want."""
+    from omegaconf import OmegaConf
+
+    flat = {}
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# one training step
+
+
+def sample_latents(batch: dict, vae, generator: torch.Generator, weight_dtype: torch.dtype) -> torch.Tensor:
+    """A scaled latent sample per image, from the cached distribution or by encoding the pixels now."""
+    if "latent_mean" in batch:
+        mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+        mean, logvar = dist.mean.float(), dist.logvar.float()
+    latents = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def compute_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, prediction_type: str, cfg: FinetuneConfig, generator: torch.Generator, weight_dtype: torch.dtype, unet_dtype: torch.dtype) -> torch.Tensor:
+    """The denoising loss of one batch: noise the latents at random timesteps, predict, compare."""
+    latents = sample_latents(batch, vae, generator, weight_dtype)
+    bsz, channels = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((bsz, channels, 1, 1), generator=generator, device=latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if "prompt_embeds" in batch:
+        encoder_hidden_states = batch["prompt_embeds"]
+    else:
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+    model_pred = unet(noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
+    weights = min_snr_weights(snr(noise_scheduler.alphas_cumprod, timesteps), cfg.snr_gamma, prediction_type) if cfg.snr_gamma else None
+    return denoising_loss(model_pred, target, weights)
+
+
+def checked_loss(loss: torch.Tensor, accelerator, batch: dict, step: int, epoch: int, batch_index: int) -> float:
+    """The loss averaged over processes; a NaN/inf on any process stops every process with a UserError."""
+    losses = accelerator.gather(loss.detach().float().reshape(1))
+    if torch.isfinite(losses).all():
+        return losses.mean().item()
+    from accelerate.utils import gather_object
+
+    bad_ids = gather_object(list(batch["prompt_id"]) if not torch.isfinite(loss).item() else [])
+    value = losses[~torch.isfinite(losses)][0].item()
+    raise UserError(
+        f"loss is {value} at step {step} (epoch {epoch}, batch {batch_index}); prompt ids of the batch: {', '.join(bad_ids)}. "
+        "Lower the learning rate, prefer bf16 to fp16, or inspect these rows; earlier checkpoints are intact"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae, tokenizer, noise_scheduler, step: int, output_dir: Path) -> list:
+    """Generate one image per validation prompt with the negative token as negative prompt (main process)."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = {module: module.training for module in (unet, text_encoder)}
+    for module in was_training:
+        module.eval()
+    images = []
+    with accelerator.autocast():
+        for i, prompt in enumerate(cfg.validation_prompts):
+            generator = torch.Generator(accelerator.device).manual_seed(derive_seed(cfg.seed, "validation", i))
+            images.append(pipe(prompt, negative_prompt=cfg.negative_token, num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=generator).images[0])
+    for module, mode in was_training.items():
+        module.train(mode)
+    folder = output_dir / "validation" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, cfg.validation_prompts)]}, step=step)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    """Fine-tune ``cfg.model`` on the fine-tune set ``cfg.dataset``; save a pipeline into ``cfg.output_dir``."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from ..models import load_components
+
+    if not cfg.dataset:
+        raise ConfigError("config error: finetune.dataset is required (a folder written by datasets.save_to_disk, e.g. from build-pairs)")
+    warn_if_single_cpu_launch()
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    set_seed(cfg.seed)  # LoRA's initial weights; everything random after this has its own seed
+
+    table = load_finetune_table(cfg.dataset)  # checked before any model loads
+    counts = role_counts(table)
+    check_negative_token(table, cfg.negative_token)
+
+    # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
+    parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
+    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler
+    prediction_type = resolve_prediction_type(cfg, noise_scheduler)
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    vae.requires_grad_(False)
+    unet.requires_grad_(cfg.train_unet)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.lora.rank:
+        add_lora(unet, cfg)
+    if cfg.gradient_checkpointing:
+        if cfg.train_unet:
+            unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet_dtype = torch.float32 if cfg.train_unet else weight_dtype
+    place(vae, device, weight_dtype)
+    place(unet, device, unet_dtype)
+    place(text_encoder, device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+
+    # --- data
+    cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
+    table = build_cached_table(
+        table, accelerator=accelerator, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, cfg=cfg, cache_dir=output_dir / "cache",
+        weight_dtype=weight_dtype, cache_latents=cfg.cache_latents, cache_text=cache_text,
+    )
+    dataset = FinetuneDataset(table, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds do not draw from the global RNG
+    )
+    loader = accelerator.prepare(loader)
+    updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    max_train_steps = cfg.max_train_steps or cfg.num_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+
+    # --- optimizer, schedule, EMA
+    trained = {name: module for name, module, on in (("unet", unet, cfg.train_unet), ("text_encoder", text_encoder, cfg.train_text_encoder)) if on}
+    lrs = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr}
+    param_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lrs[name]} for name, m in trained.items()]
+    optimizer = build_optimizer(cfg, param_groups, device)
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_train_steps * accelerator.num_processes)
+    *models, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained = dict(zip(trained, models))
+    unet, text_encoder = trained.get("unet", unet), trained.get("text_encoder", text_encoder)
+    params = [p for m in trained.values() for p in accelerator.unwrap_model(m).parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.use_ema else None  # outside the DDP wrapper
+    if ema is not None:
+        ema.to(device)
+    progress = TrainingProgress(data_layout=f"{len(dataset)} rows, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}")
+    accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
+
+    # --- resume
+    if is_main:
+        for stale in output_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale)
+    resume_dir = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        if ema is not None:
+            ema.to(device)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, progress.global_step, progress.epoch, progress.batches_in_epoch)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("sr-finetune", config=_tracker_config(cfg))
+    if is_main:
+        logger.info(
+            "finetune: %d rows %s, %d processes x batch %d x accumulation %d, %d steps (%d epochs), prediction %s",
+            len(dataset), counts, accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps, max_train_steps, num_epochs, prediction_type,
+        )
+
+    # --- train
+    for module in trained.values():
+        module.train()
+    start_step, images_seen, last_loss, micro_losses = progress.global_step, 0, float("nan"), []
+    last_saved = progress.global_step if resume_dir is not None else None
+    start_epoch, skip = progress.epoch, progress.batches_in_epoch
+    if skip >= len(loader):
+        start_epoch, skip = start_epoch + 1, 0
+    bar = tqdm(total=max_train_steps, initial=progress.global_step, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
+    start = time.perf_counter()
+    for epoch in range(start_epoch, num_epochs):
+        if progress.global_step >= max_train_steps:
+            break
+        # skipped batches are dropped at the sampler: never loaded, never run through the model
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batches.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter, which restarts at 0 on resume
+        sampler.set_epoch(epoch)
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", accelerator.process_index, epoch, batch_index))
+            with accelerator.accumulate(*trained.values()):
+                loss = compute_loss(
+                    batch, unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, prediction_type=prediction_type,
+                    cfg=cfg, generator=generator, weight_dtype=weight_dtype, unet_dtype=unet_dtype,
+                )
+                micro_losses.append(checked_loss(loss, accelerator, batch, progress.global_step + 1, epoch, batch_index))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += len(batch["prompt_id"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # one optimizer step done
+            progress.global_step += 1
+            progress.epoch, progress.batches_in_epoch = epoch, batch_index + 1
+            if ema is not None:
+                ema.step(params)
+            last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+            lrs_now = lr_scheduler.get_last_lr()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}")
+            accelerator.log({"loss": last_loss, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}}, step=progress.global_step)
+            if cfg.checkpointing_steps and progress.global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
+                last_saved = progress.global_step
+            if cfg.validation_prompts and cfg.validation_steps and progress.global_step % cfg.validation_steps == 0:
+                if is_main:
+                    if ema is not None:
+                        ema.store(params)
+                        ema.copy_to(params)
+                    try:
+                        log_validation(cfg, accelerator, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler, step=progress.global_step, output_dir=output_dir)
+                    finally:
+                        if ema is not None:
+                            ema.restore(params)
+                accelerator.wait_for_everyone()
+            if progress.global_step >= max_train_steps:
+                break
+        skip = 0
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    # --- save: the final training state (so a longer run can resume), then the pipeline
+    accelerator.wait_for_everyone()
+    if progress.global_step > 0 and last_saved != progress.global_step:
+        save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
+    hub_url = None
+    if is_main:
+        if ema is not None:
+            ema.copy_to(params)
+        final_unet = accelerator.unwrap_model(unet) if cfg.train_unet else None
+        if final_unet is not None and cfg.lora.rank:
+            final_unet.fuse_lora()
+            final_unet.unload_lora()
+        save_pipeline(cfg, output_dir, unet=final_unet, text_encoder=accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
+        write_model_card(output_dir, model_card_text(cfg, counts, progress.global_step, prediction_type))
+        if cfg.push_to_hub:
+            hub_url = push_folder(output_dir, cfg.hub_model_id, private=cfg.hub_private)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return FinetuneSummary(
+        output_dir=str(output_dir),
+        global_step=progress.global_step,
+        max_train_steps=max_train_steps,
+        resumed_from=str(resume_dir) if resume_dir else None,
+        steps_run=progress.global_step - start_step,
+        images_seen=images_seen,
+        seconds=seconds,
+        final_loss=last_loss,
+        role_counts=counts,
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        hub_url=hub_url,
+    )

@@ -1,0 +1,334 @@
+"""The fine-tuning stage on a tiny SD-2.1-shaped model at 32 px: a handful of CPU steps per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sr_finetune.config import load_config
+from sr_finetune.errors import ConfigError, MissingDependencyError, UserError
+from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
+from sr_finetune.training import trainer as trainer_module
+from sr_finetune.training.losses import min_snr_weights, snr
+
+NEG = "t@y quality"
+
+
+@pytest.fixture(scope="module")
+def finetune_set(tmp_path_factory) -> Path:
+    """10 rows: 4 prompts x (chosen, rejected + negative token) and 2 regularisation images, 40x48 px."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        for role in ("chosen", "rejected"):
+            text = f"a photo of animal {i}" + (f" {NEG}" if role == "rejected" else "")
+            rows.append({"text": text, "role": role, "prompt_id": f"p{i}", "score": float(rng.random())})
+    rows += [{"text": f"a laion caption {i}", "role": "regularization", "prompt_id": f"laion{i}", "score": 0.0} for i in range(2)]
+    for row in rows:
+        row["image"] = PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    features = Features({"image": Image(), "text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), "score": Value("float32")})
+    path = tmp_path_factory.mktemp("finetune_set") / "pairs"
+    Dataset.from_list(rows, features=features).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
+    yield
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_cfg(model: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
+    settings = dict(
+        model=str(model), dataset=str(data), output_dir=str(out), resolution=32, train_batch_size=2, max_train_steps=2,
+        unet_lr=1e-3, text_encoder_lr=1e-3, dataloader_num_workers=0, report_to="none", checkpointing_steps=0, seed=0,
+    )
+    settings.update(overrides)
+    cfg = FinetuneConfig(**settings)
+    cfg.validate()
+    return cfg
+
+
+def unet_weights(folder: Path) -> dict:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def text_encoder_weights(folder: Path) -> dict:
+    return load_file(folder / "text_encoder" / "model.safetensors")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_changed(trained: dict, base: dict) -> None:
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_saved_pipeline_loads_generates_and_has_trained_unet_and_text_encoder(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from huggingface_hub import HfApi
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("push_to_hub is off by default: nothing may be uploaded")
+
+    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    out = tmp_path / "ft"
+    summary = run_finetune(tiny_cfg(tiny_sd, finetune_set, out))
+
+    assert summary.global_step == 2 and summary.steps_run == 2 and np.isfinite(summary.final_loss)
+    assert summary.role_counts == {"chosen": 4, "rejected": 4, "regularization": 2}
+    assert_changed(unet_weights(out), unet_weights(tiny_sd))
+    assert_changed(text_encoder_weights(out), text_encoder_weights(tiny_sd))
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", negative_prompt=NEG, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_sd}" in card and f'negative_prompt="{NEG}"' in card
+    assert "| chosen | 4 |" in card and "| regularization | 2 |" in card and "| unet_lr | 0.001 |" in card
+    assert load_config(FinetuneConfig, out / "config.yaml").max_train_steps == 2  # resolved config round-trips
+
+
+def test_frozen_text_encoder_is_saved_unchanged(tiny_sd, finetune_set, tmp_path):
+    out = tmp_path / "ft"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, out, train_text_encoder=False))
+    assert_same(text_encoder_weights(out), text_encoder_weights(tiny_sd))
+    assert_changed(unet_weights(out), unet_weights(tiny_sd))
+
+
+def test_validation_images_are_written_and_logged_with_ema_swapped_back_out(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    out = tmp_path / "ft"
+    real_log_validation = trainer_module.log_validation
+    swapped_in = []
+
+    def spy(cfg, accelerator, *, unet, **kwargs):
+        swapped_in.append(accelerator.unwrap_model(unet).conv_in.weight.detach().clone())
+        return real_log_validation(cfg, accelerator, unet=unet, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "log_validation", spy)
+    settings = dict(use_ema=True, ema_decay=0.5, checkpointing_steps=2)
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, out, validation_prompts=["a cat", "a dog"], validation_steps=1, validation_inference_steps=1, report_to="tensorboard", **settings))
+    assert sorted(p.name for p in (out / "validation" / "step-000002").iterdir()) == ["00.png", "01.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    raw = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert torch.equal(swapped_in[1], unet_weights(out)["conv_in.weight"])  # validated with the EMA weights ...
+    assert not torch.equal(raw["conv_in.weight"], swapped_in[1])
+
+    reset_accelerate_state()
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "no_validation", **settings))
+    assert_same(raw, load_file(tmp_path / "no_validation" / "checkpoint-2" / "model.safetensors"))  # ... and trained on without them
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    # 10 rows / batch 2 = 5 batches per epoch, accumulation 2 -> steps end after batches 2, 4, 5 (epoch end), 7 ...
+    # The checkpoint at step 2 is mid-epoch; steps 3-4 cross the epoch boundary.
+    common = dict(
+        gradient_accumulation_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.9, random_flip=True, snr_gamma=5.0,
+        noise_offset=0.1, lr_scheduler="constant_with_warmup", lr_warmup_steps=1,
+    )
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, straight, max_train_steps=4, **common))
+    first = run_finetune(tiny_cfg(tiny_sd, finetune_set, stopped, max_train_steps=2, **common))
+    assert first.global_step == 2
+
+    batches_run = []
+    real_compute_loss = trainer_module.compute_loss
+
+    def counting_compute_loss(batch, **kwargs):
+        batches_run.append(list(batch["prompt_id"]))
+        return real_compute_loss(batch, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", counting_compute_loss)
+    resumed = run_finetune(tiny_cfg(tiny_sd, finetune_set, stopped, max_train_steps=4, resume_from_checkpoint="latest", **common))
+
+    assert resumed.resumed_from == str(stopped / "checkpoint-2") and resumed.steps_run == 2
+    assert len(batches_run) == 3  # batch 5 of epoch 0, batches 1-2 of epoch 1: the 4 done before are skipped, not replayed
+    assert_same(unet_weights(stopped), unet_weights(straight))  # EMA weights
+    assert_same(text_encoder_weights(stopped), text_encoder_weights(straight))
+    for name in ("model.safetensors", "model_1.safetensors"):  # raw (non-EMA) UNet and text encoder
+        assert_same(load_file(stopped / "checkpoint-4" / name), load_file(straight / "checkpoint-4" / name))
+
+
+def test_min_snr_weights_match_hand_computed_values():
+    snrs = torch.tensor([0.5, 5.0, 20.0])
+    # epsilon: min(SNR, 5) / SNR
+    torch.testing.assert_close(min_snr_weights(snrs, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.25]))
+    # v_prediction: min(SNR, 5) / (SNR + 1)
+    torch.testing.assert_close(min_snr_weights(snrs, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5.0 / 6.0, 5.0 / 21.0]))
+    alphas_cumprod = torch.tensor([0.8, 0.5, 0.2])
+    torch.testing.assert_close(snr(alphas_cumprod, torch.tensor([0, 1, 2])), torch.tensor([4.0, 1.0, 0.25]))
+
+
+def test_v_prediction_model_trains(finetune_set, tmp_path):
+    from sr_finetune.tiny_models import TinySDSpec, make_tiny_sd_pipeline
+
+    model = make_tiny_sd_pipeline(tmp_path / "v_model", seed=0, spec=TinySDSpec(prediction_type="v_prediction"))
+    out = tmp_path / "ft"
+    summary = run_finetune(tiny_cfg(model, finetune_set, out, prediction_type="v_prediction", snr_gamma=5.0))
+    assert np.isfinite(summary.final_loss)
+    assert '"prediction_type": "v_prediction"' in (out / "scheduler" / "scheduler_config.json").read_text()
+    assert_changed(unet_weights(out), unet_weights(model))
+
+
+def test_prediction_type_that_the_scheduler_lacks_is_refused(tiny_sd, finetune_set, tmp_path):
+    with pytest.raises(ConfigError, match="prediction_type: config says 'v_prediction' but .* predicts 'epsilon'"):
+        run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "ft", prediction_type="v_prediction"))
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_prompt_ids(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    seen = []
+    real_compute_loss = trainer_module.compute_loss
+
+    def nan_on_second_batch(batch, **kwargs):
+        seen.append(list(batch["prompt_id"]))
+        loss = real_compute_loss(batch, **kwargs)
+        return loss * float("nan") if len(seen) == 2 else loss
+
+    monkeypatch.setattr(trainer_module, "compute_loss", nan_on_second_batch)
+    with pytest.raises(UserError, match=r"loss is nan at step 2 \(epoch 0, batch 1\)") as err:
+        run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "ft", max_train_steps=3))
+    assert all(pid in str(err.value) for pid in seen[1])
+    assert not (tmp_path / "ft" / "model_index.json").exists()
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd, finetune_set, tmp_path):
+    out = tmp_path / "ft"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert not list(out.glob(".tmp-checkpoint-*"))
+
+
+def test_latent_cache_encodes_each_image_once(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    encoded = []
+    real_encode = AutoencoderKL.encode
+
+    def counting_encode(self, x, *args, **kwargs):
+        encoded.append(x.shape[0])
+        return real_encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    summary = run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "ft", max_train_steps=None, num_epochs=2))
+    assert summary.global_step == 10  # 2 epochs of 5 batches
+    assert sum(encoded) == 10  # the 10 rows, once each, although each was trained on twice
+
+    encoded.clear()
+    reset_accelerate_state()
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "nocache", cache_latents=False))
+    assert sum(encoded) == 4  # without the cache: every training image, every step (2 steps x batch 2)
+
+
+def test_lora_run_saves_a_merged_pipeline(tiny_sd, finetune_set, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ft"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, out, lora=LoraSettings(rank=4), train_text_encoder=False, unet_lr=1e-2))
+    trained, base = unet_weights(out), unet_weights(tiny_sd)
+    assert trained.keys() == base.keys()  # merged: plain UNet keys, no lora_A / lora_B
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert changed and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a cat", num_inference_steps=1, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_two_processes_train_one_model(tiny_sd, finetune_set, tmp_path):
+    from conftest import REPO
+
+    out = tmp_path / "ft"
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        f"model: {tiny_sd}\ndataset: {finetune_set}\noutput_dir: {out}\nresolution: 32\ntrain_batch_size: 2\n"
+        "max_train_steps: 2\ndataloader_num_workers: 0\nreport_to: none\ncheckpointing_steps: 1\nuse_ema: true\n"
+    )
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+        "-m", "sr_finetune.training", "--config", str(config),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes x batch 2" in result.stderr
+    assert sorted(p.name.split("-", 2)[2] for p in (out / "cache").glob("encoded-*.arrow")) == ["00000-of-00002.arrow", "00001-of-00002.arrow"]
+    assert (out / "checkpoint-2" / "random_states_1.pkl").exists()  # rank 1 saved its RNG state
+    assert_changed(unet_weights(out), unet_weights(tiny_sd))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train_unet=false train_text_encoder=false", "nothing to train"),
+        ("lora.rank=4 train_unet=false", "lora.rank: LoRA adapts the UNet"),
+        ("center_crop=false", "cache_latents: cache_latents=true needs center_crop=true"),
+        ("push_to_hub=true", "hub_model_id: push_to_hub=true needs hub_model_id"),
+        ("optimizer=sgd", "optimizer: must be one of"),
+        ("prediction_type=sample", "prediction_type: must be one of"),
+    ],
+)
+def test_bad_settings_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(FinetuneConfig, None, override.split())
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    cfg = FinetuneConfig(optimizer="adamw8bit")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'sr-finetune\[bnb\]'"):
+        trainer_module.build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-5}], torch.device("cpu"))
+
+
+def test_dataset_without_a_role_column_is_refused(tiny_sd, tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "bad"
+    Dataset.from_dict({"text": ["a"], "prompt_id": ["p"], "score": [1.0]}).save_to_disk(str(path))
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['image', 'role'\]"):
+        run_finetune(tiny_cfg(tiny_sd, path, tmp_path / "ft"))
+
+
+def test_push_uploads_the_pipeline_but_not_the_training_state(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from sr_finetune.training.export import push_folder
+
+    calls = {}
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (self.token, repo_id, kw)) and f"https://hub/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
+    push_folder(tmp_path, "me/sd21-sr", private=True)
+    assert calls["create"][0] == "hf_secret_token" and calls["create"][1] == "me/sd21-sr"
+    assert calls["upload"]["repo_id"] == "me/sd21-sr" and "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+def test_resume_with_another_batch_size_is_refused(tiny_sd, finetune_set, tmp_path):
+    out = tmp_path / "ft"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, out, max_train_steps=1))
+    reset_accelerate_state()
+    with pytest.raises(UserError, match="checkpoint was written with 10 rows, batch 2 x 1 processes, accumulation 1, this run has 10 rows, batch 3"):
+        run_finetune(tiny_cfg(tiny_sd, finetune_set, out, max_train_steps=2, train_batch_size=3, resume_from_checkpoint="latest"))
