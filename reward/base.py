@@ -41,16 +41,19 @@ class RewardModel(torch.nn.Module, abc.ABC):
         """Convenience for small inputs: preprocess, tokenize and score in one call."""
         device = next(self.parameters()).device
         pixels = torch.stack([self.preprocess_image(im) for im in images]).to(device)
-        text = _to_device(self.tokenize(list(prompts)), device)
+        text = to_device(self.tokenize(list(prompts)), device)
         return self.score(pixels, text).float().cpu()
 
 
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
+def to_device(inputs: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move a tensor or a dict of tensors to ``device``; floating tensors also to ``dtype`` if given."""
     if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
+        return {k: to_device(v, device, dtype) for k, v in inputs.items()}
+    if not isinstance(inputs, torch.Tensor):
+        return inputs
+    if dtype is not None and inputs.is_floating_point():
+        return inputs.to(device, dtype)
+    return inputs.to(device)
 
 
 _REGISTRY: dict[str, Callable[..., RewardModel]] = {}

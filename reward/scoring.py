@@ -24,7 +24,7 @@ from sr_finetune.config import require, to_yaml
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_parts
 
-from .base import RewardModel, load_reward
+from .base import RewardModel, load_reward, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,6 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-def _to(inputs: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    if isinstance(inputs, dict):
-        return {k: _to(v, device, dtype) for k, v in inputs.items()}
-    if dtype is not None and inputs.is_floating_point():
-        return inputs.to(device, dtype)
-    return inputs.to(device)
-
-
 def score_rows(rows: pd.DataFrame, scorers: dict[str, RewardModel], *, batch_size: int, num_workers: int, device: torch.device, progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score ``rows`` (image_id, prompt, path) with every scorer; returns (scores, errors)."""
     loader = torch.utils.data.DataLoader(_ImageRows(rows, scorers), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
@@ -158,7 +150,7 @@ def score_rows(rows: pd.DataFrame, scorers: dict[str, RewardModel], *, batch_siz
                 index = torch.tensor(batch["i"])
                 for name, scorer in scorers.items():
                     dtype = next(scorer.parameters()).dtype
-                    values = scorer.score(_to(batch["pixels"][name], device, dtype), _to(batch["text"][name], device))
+                    values = scorer.score(to_device(batch["pixels"][name], device, dtype), to_device(batch["text"][name], device))
                     results[name][index] = values.detach().double().cpu()
                 ok[index] = True
             if progress is not None:
