@@ -54,6 +54,7 @@ from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 HPS_HUB_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+MODEL_CONFIG_FILE = "open_clip_config.json"  # optional, beside a local checkpoint: its architecture
 DEFAULT_VERSION = "v2.0"
 
 # open_clip's ViT-H-14 (HPS v2's backbone): plain GELU, 224 px, patch 14.
@@ -221,9 +222,12 @@ def load_hpsv2(
     autocast: bool | None = None,
 ) -> HPSv2Reward:
     """Load HPS v2 (``version="v2.0"``) or v2.1 from ``weights`` (file, folder, hub repo; None =
-    ``xswu/HPSv2``). ``model_config``: ``None``/``"ViT-H-14"`` (real), ``"tiny"``, a dict or JSON."""
-    model = build_open_clip_model(model_config)
+    ``xswu/HPSv2``). ``model_config``: ``None`` = the ``open_clip_config.json`` beside a local
+    checkpoint if there is one, else ViT-H-14; or ``"ViT-H-14"``, ``"tiny"``, a dict or a JSON file."""
     path = resolve_hps_checkpoint(weights, version)
+    if model_config is None and (path.parent / MODEL_CONFIG_FILE).is_file():
+        model_config = path.parent / MODEL_CONFIG_FILE
+    model = build_open_clip_model(model_config)
     try:
         model.load_state_dict(load_hps_state_dict(path), strict=True)
     except RuntimeError as exc:
@@ -234,7 +238,8 @@ def load_hpsv2(
 
 def make_tiny_hpsv2(out_dir: str | os.PathLike, seed: int = 0, version: str = DEFAULT_VERSION, dtype: torch.dtype = torch.float16) -> Path:
     """Write a tiny HPS checkpoint (``TINY_HPS_CONFIG``, seeded random weights) in the real file
-    format and name: ``out_dir/HPS_v2_compressed.pt`` = ``{'state_dict': ...}`` in ``dtype``."""
+    format and name: ``out_dir/HPS_v2_compressed.pt`` = ``{'state_dict': ...}`` in ``dtype``, with
+    the architecture in ``out_dir/open_clip_config.json`` so ``load_hpsv2(out_dir)`` needs nothing else."""
     torch.manual_seed(seed)
     model = build_open_clip_model(TINY_HPS_CONFIG)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -242,11 +247,13 @@ def make_tiny_hpsv2(out_dir: str | os.PathLike, seed: int = 0, version: str = DE
     out.mkdir(parents=True, exist_ok=True)
     path = out / HPS_FILES[version]
     torch.save({"state_dict": state}, path)
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps({"model_cfg": TINY_HPS_CONFIG}, indent=2))
     return path
 
 
 __all__ = [
     "HPS_FILES",
+    "MODEL_CONFIG_FILE",
     "HPSv2Reward",
     "TINY_HPS_CONFIG",
     "VIT_H_14_CONFIG",

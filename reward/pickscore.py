@@ -142,10 +142,13 @@ def load_pickscore(
     scale: str = "raw",
 ) -> PickScoreReward:
     """Load PickScore: ``weights`` = CLIPModel hub id or folder (None = ``yuvalkirstain/PickScore_v1``),
-    ``processor`` = processor hub id or folder (None = ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``),
+    ``processor`` = processor hub id or folder (None = the ``weights`` folder when it holds a
+    ``preprocessor_config.json``, else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` as the reference),
     ``scale`` = ``"raw"`` (reference value) or ``"div100"`` (Social Reward's tables)."""
     from transformers import AutoTokenizer
 
+    if processor is None and weights is not None and (Path(weights) / "preprocessor_config.json").is_file():
+        processor = weights
     processor = processor or PICKSCORE_PROCESSOR
     image_processor = load_pickscore_image_processor(processor)
     tokenizer = AutoTokenizer.from_pretrained(str(processor))

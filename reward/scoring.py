@@ -57,6 +57,11 @@ class ScoreConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(len(self.metrics) > 0, "metrics", "name at least one metric")
         require(len(set(self.metrics)) == len(self.metrics), "metrics", f"repeated metric in {self.metrics}")
+        require(
+            "social_reward" not in self.metrics or bool(self.weights.get("social_reward")),
+            "weights.social_reward",
+            "social_reward needs the checkpoint of a Social Reward training run (no weights are published)",
+        )
         unknown = set(self.weights) - set(self.metrics)
         require(not unknown, "weights", f"weights given for metrics not requested: {sorted(unknown)}")
 

@@ -1,6 +1,7 @@
 """The ``sr-finetune`` command: one subcommand per stage, each also a script in ``recipes/``.
 
     sr-finetune tiny-model OUT_DIR [--seed N]
+    sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune generate [--config FILE] [key=value ...]
     sr-finetune score [--config FILE] [key=value ...]
 """
@@ -79,6 +80,14 @@ def _run_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tiny_rewards(args: argparse.Namespace) -> int:
+    from reward.tiny import make_tiny_rewards
+
+    settings = make_tiny_rewards(args.out_dir, seed=args.seed)
+    logger.info("tiny weights of %s written to %s", ", ".join(settings["metrics"]), args.out_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-finetune", description="Reward-guided fine-tuning of text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_run_tiny_model)
+
+    rewards = sub.add_parser("tiny-rewards", help="write tiny weights of the six scorers (for tests and demos)")
+    rewards.add_argument("out_dir")
+    rewards.add_argument("--seed", type=int, default=0)
+    rewards.set_defaults(func=_run_tiny_rewards)
 
     stages = [
         ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),

@@ -65,7 +65,12 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc, "overrides" if overrides else str(path))) from None
-    _validate(config, prefix="")
+    # key names and types are checked everywhere above; values only in the stage that runs, since
+    # another stage's defaults may be incomplete on their own (e.g. score.weights.social_reward)
+    if section:
+        _validate(getattr(config, section), prefix=f"{section}.")
+    else:
+        _validate(config, prefix="")
     return config
 
 

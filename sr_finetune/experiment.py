@@ -1,6 +1,7 @@
 """The config tree of an experiment: one typed section per stage, all in one YAML file.
 
-A recipe validates the whole tree (unknown keys anywhere are errors) and runs its own section;
+A recipe checks key names and types in the whole tree (unknown keys anywhere are errors), validates
+the values of its own section and runs it;
 sections can refer to each other with OmegaConf interpolation (``${generate.output_dir}``).
 """
 

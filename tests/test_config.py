@@ -61,3 +61,11 @@ def test_shipped_configs_validate_and_round_trip(tmp_path):
         cfg = load_config(ExperimentConfig, REPO / "recipes" / "configs" / name)
         again = load_config(ExperimentConfig, write(tmp_path, to_yaml(cfg)))
         assert again == cfg
+
+
+def test_values_are_validated_only_in_the_stage_that_runs(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("generate:\n  steps: 5\nscore:\n  metrics: [social_reward]\n")
+    assert load_config(ExperimentConfig, path, [], section="generate").generate.steps == 5
+    with pytest.raises(ConfigError, match="score.weights.social_reward: social_reward needs the checkpoint"):
+        load_config(ExperimentConfig, path, [], section="score")

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from reward import load_reward
+from reward.tiny import METRICS, make_tiny_rewards
+from sr_finetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_rewards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rewards")
+    return out, make_tiny_rewards(out)
+
+
+def test_every_scorer_loads_from_the_written_files_alone(tiny_rewards):
+    out, settings = tiny_rewards
+    assert settings["metrics"] == METRICS
+    assert json.loads((out / "hpsv2" / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 32
+    image = Image.new("RGB", (40, 30), (200, 40, 90))
+    scores = {}
+    for name in METRICS:
+        model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))
+        pixels = model.preprocess_image(image)[None]
+        ids = model.tokenize(["a red square"])
+        scores[name] = model.score(pixels, ids)
+        assert scores[name].shape == (1,) and torch.isfinite(scores[name]).all(), name
+    # distinct seeds: social reward and clip are different models of the same architecture
+    assert not torch.equal(scores["social_reward"], scores["clip"])
+
+
+def test_pickscore_processor_defaults_to_a_local_weights_folder(tiny_rewards):
+    _, settings = tiny_rewards
+    folder = settings["weights"]["pickscore"]
+    implicit = load_reward("pickscore", weights=folder)
+    explicit = load_reward("pickscore", weights=folder, processor=folder)
+    image = Image.new("RGB", (50, 37), (10, 120, 200))
+    assert torch.equal(implicit.preprocess_image(image), explicit.preprocess_image(image))
+
+
+def test_cli_writes_the_same_files(tmp_path, tiny_rewards):
+    out, _ = tiny_rewards
+    assert main(["tiny-rewards", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "aesthetic.pth").read_bytes() == (out / "aesthetic.pth").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(p.name for p in out.iterdir())
