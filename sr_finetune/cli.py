@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -101,6 +102,8 @@ def _run_stages(args: argparse.Namespace) -> int:
     """Run several stages of one experiment config in order, validating all of them first."""
     from .experiment import ExperimentConfig
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sr-finetune run is single-process; under accelerate launch run each stage's recipe instead")
     sections = {command: (section, run) for command, section, run, _ in STAGES}
     wanted = args.stages.split(",") if args.stages else list(sections)
     unknown = [name for name in wanted if name not in sections]

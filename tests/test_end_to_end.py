@@ -66,3 +66,9 @@ def test_run_refuses_unprefixed_overrides_and_unknown_stages(capsys):
     assert "overrides need their stage prefix, e.g. generate.steps=3" in capsys.readouterr().err
     assert main(["run", "--config", str(TINY_YAML), "--stages", "generate,train"]) == 2
     assert "unknown stage(s) ['train']" in capsys.readouterr().err
+
+
+def test_run_refuses_a_multi_process_launch(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--config", str(TINY_YAML)]) == 2
+    assert "single-process" in capsys.readouterr().err
