@@ -21,8 +21,8 @@ treats images as independent, so the ``prompt`` unit's p-value is the conservati
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,16 @@ WIN_COLUMNS = [
     "model", "baseline", "prompt_set", "metric", "unit", "n", "prompts", "wins", "ties", "losses",
     "win_rate", "tie_rate", "loss_rate", "ci_low", "ci_high", "p_value", "mean_diff", "diff_ci_low", "diff_ci_high",
 ]
+DEFINITIONS = {
+    "pair": "image k of prompt p from a fine-tuned model and from the baseline, made with the same seed",
+    "image unit": "each same-seed pair is one comparison: fine-tuned score >, = or < baseline score",
+    "prompt unit": "each prompt is one comparison, of the mean scores of its paired images",
+    "rates": "win rate = wins / n, tie rate = ties / n, loss rate = losses / n; ties are not split",
+    "confidence interval": "percentile bootstrap over prompts resampled with replacement (a prompt's images move together); the same resamples for every model and metric of a prompt set",
+    "p-value": "exact two-sided sign test of wins vs losses, ties left out; the image unit treats images of one prompt as independent, so the prompt unit's p-value is the conservative one",
+    "mean difference": "mean of fine-tuned minus baseline score over pairs (image unit) or over prompt means (prompt unit)",
+    "unscored images": "an image that could not be scored is left out of the means and its pair out of the win rates (see 'missing')",
+}
 # Prompt means count as tied when they differ by float rounding only (sums in different orders).
 _PROMPT_TIE_RTOL = 1e-12
 
@@ -146,7 +156,7 @@ def win_table(scores: pd.DataFrame, baseline: str, models: Sequence[str], metric
         low, high = bootstrap_ratio_ci(np.stack(numer, axis=1), np.stack(denom, axis=1), boot, boot.rng(str(prompt_set)))
         for i, (model, metric, unit, (w, t, l), mean_diff, n_prompts) in enumerate(cells):
             n = w + t + l
-            rate = (lambda k: k / n) if n else (lambda k: np.nan)
-            rows.append((model, baseline, prompt_set, metric, unit, n, n_prompts, w, t, l, rate(w), rate(t), rate(l),
+            rates = [k / n if n else np.nan for k in (w, t, l)]
+            rows.append((model, baseline, prompt_set, metric, unit, n, n_prompts, w, t, l, *rates,
                          low[2 * i], high[2 * i], sign_test(w, l), mean_diff, low[2 * i + 1], high[2 * i + 1]))
     return pd.DataFrame(rows, columns=WIN_COLUMNS)

@@ -3,7 +3,7 @@
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
-    sr-finetune generate | score | build-pairs | finetune [--config FILE] [key=value ...]
+    sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
 """
 
@@ -74,6 +74,12 @@ def _score(cfg):
     return run_scoring(cfg)
 
 
+def _evaluate(cfg):
+    from eval.harness import run_evaluation
+
+    return run_evaluation(cfg)
+
+
 def _run_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_sd_pipeline
 
@@ -127,6 +133,8 @@ STAGES = [
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
     ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
 ]
+# evaluate is not in STAGES (yet): `run` without --stages would then need an evaluate section in every config
+EVALUATE = ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    for command, section, run, help_text in STAGES:
+    for command, section, run, help_text in [*STAGES, EVALUATE]:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))

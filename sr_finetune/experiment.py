@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from eval.config import EvaluateConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -24,3 +25,4 @@ class ExperimentConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -1,0 +1,145 @@
+"""Settings of the evaluation stage (``evaluate:`` in a recipe config)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from reward import available_rewards
+from reward.scoring import ScoreConfig
+from sr_finetune.config import require
+from sr_finetune.generation import GenerateConfig
+
+NEGATIVE_TOKEN = "t@y quality"  # the Social Reward token the fine-tuned models learned as "bad"
+SIX_METRICS = ["social_reward", "clip", "aesthetic", "hpsv2", "imagereward", "pickscore"]
+UNITS = ("image", "prompt")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: a diffusers pipeline folder or hub id."""
+
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    negative_prompt: Optional[str] = None  # the baseline is sampled without one
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", "set it to a pipeline folder or hub id")
+
+
+@dataclass
+class FinetunedSpec(ModelSpec):
+    """A fine-tuned model: sampled with the negative token as negative prompt unless set otherwise."""
+
+    negative_prompt: Optional[str] = NEGATIVE_TOKEN
+
+
+@dataclass
+class PromptSetSpec:
+    """A named prompt set: a file, a shipped named set (e.g. ``parti``) or a ``datasets`` id."""
+
+    prompts: Optional[str] = None
+    max_prompts: Optional[int] = None
+    prompt_column: Optional[str] = None
+    id_column: Optional[str] = None
+    split: str = "train"
+
+
+@dataclass
+class EvaluateConfig:
+    """Baseline vs fine-tuned models on several prompt sets and metrics, with the same seeds."""
+
+    baseline: ModelSpec = field(default_factory=lambda: ModelSpec(path="stabilityai/stable-diffusion-2-1-base"))
+    baseline_name: str = "baseline"
+    finetuned: dict[str, FinetunedSpec] = field(default_factory=dict)  # table name -> model
+    prompt_sets: dict[str, PromptSetSpec] = field(default_factory=dict)  # e.g. internal, general
+    output_dir: str = "runs/eval"
+    # generation (the same for every model, so image k of prompt p has the same seed everywhere)
+    images_per_prompt: int = 4
+    seed: int = 0
+    scheduler: str = "ddim"
+    steps: int = 30
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    batch_size: int = 8
+    prompts_per_shard: int = 256
+    dtype: str = "auto"
+    device: str = "auto"
+    attention: str = "sdpa"
+    image_format: str = "png"
+    # scoring (one resumable scoring run per model x prompt set x metric)
+    metrics: list[str] = field(default_factory=lambda: list(SIX_METRICS))
+    weights: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    score_batch_size: int = 32
+    num_workers: int = 2
+    rows_per_part: int = 4096
+    score_dtype: str = "fp32"
+    # statistics
+    bootstrap_samples: int = 2000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
+    # report
+    title: str = "Baseline vs fine-tuned"
+    grid_prompts: int = 3  # prompts per set shown side by side, all their images
+    examples_per_metric: int = 2  # largest fine-tuned wins and losses shown per metric
+    thumbnail_size: int = 160
+
+    def validate(self) -> None:
+        require(bool(self.finetuned), "finetuned", "name at least one fine-tuned model, e.g. finetuned.ft.path=runs/finetune")
+        require(bool(self.prompt_sets), "prompt_sets", "name at least one prompt set, e.g. prompt_sets.general.prompts=parti")
+        require(bool(_NAME.match(self.baseline_name)), "baseline_name", f"'{self.baseline_name}' must be letters, digits, '.', '_' or '-'")
+        for name, spec in self.finetuned.items():
+            require(bool(_NAME.match(name)), f"finetuned.{name}", "a model name must be letters, digits, '.', '_' or '-'")
+            require(name != self.baseline_name, f"finetuned.{name}", f"has the baseline's name (baseline_name={self.baseline_name})")
+            require(bool(spec.path), f"finetuned.{name}.path", "set it to a pipeline folder or hub id")
+        for name, spec in self.prompt_sets.items():
+            require(bool(_NAME.match(name)), f"prompt_sets.{name}", "a prompt set name must be letters, digits, '.', '_' or '-'")
+            require(bool(spec.prompts), f"prompt_sets.{name}.prompts", "set it to a prompt file, a named set (e.g. parti) or a datasets id")
+            require(spec.max_prompts is None or spec.max_prompts > 0, f"prompt_sets.{name}.max_prompts", f"must be positive, got {spec.max_prompts}")
+        for key in ("bootstrap_samples", "grid_prompts", "thumbnail_size", "score_batch_size", "rows_per_part"):
+            require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        require(self.examples_per_metric >= 0, "examples_per_metric", f"must be >= 0, got {self.examples_per_metric}")
+        require(0 < self.confidence < 1, "confidence", f"must be in (0, 1), got {self.confidence}")
+        unknown = [m for m in self.metrics if m not in available_rewards()]
+        require(not unknown, "metrics", f"unknown metric {unknown[:1]} (available: {', '.join(available_rewards())})")
+        self.generate_config(self.baseline_name, self.baseline, "check").validate()
+        self._score_config(self.metrics, self.weights, self.options, "check", "check").validate()
+
+    def models(self) -> dict[str, ModelSpec]:
+        """Baseline first, then the fine-tuned models in config order."""
+        return {self.baseline_name: self.baseline, **self.finetuned}
+
+    def generations_dir(self, model: str, prompt_set: str) -> str:
+        return f"{self.output_dir}/generations/{model}/{prompt_set}"
+
+    def scores_dir(self, model: str, prompt_set: str, metric: str) -> str:
+        return f"{self.output_dir}/scores/{model}/{prompt_set}/{metric}"
+
+    def generate_config(self, model: str, spec: ModelSpec, prompt_set: str) -> GenerateConfig:
+        """The generation stage's settings for one model on one prompt set."""
+        prompts = self.prompt_sets.get(prompt_set, PromptSetSpec())
+        return GenerateConfig(
+            model=spec.path or "", revision=spec.revision, variant=spec.variant, prompts=prompts.prompts,
+            prompt_column=prompts.prompt_column, id_column=prompts.id_column, split=prompts.split, max_prompts=prompts.max_prompts,
+            output_dir=self.generations_dir(model, prompt_set), images_per_prompt=self.images_per_prompt, seed=self.seed,
+            scheduler=self.scheduler, steps=self.steps, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+            negative_prompt=spec.negative_prompt or None, batch_size=self.batch_size, prompts_per_shard=self.prompts_per_shard,
+            dtype=self.dtype, device=self.device, attention=self.attention, image_format=self.image_format, model_name=model,
+        )
+
+    def score_config(self, model: str, prompt_set: str, metric: str) -> ScoreConfig:
+        """The scoring stage's settings for one metric of one model on one prompt set."""
+        weights = {metric: self.weights[metric]} if metric in self.weights else {}
+        options = {metric: self.options[metric]} if metric in self.options else {}
+        return self._score_config([metric], weights, options, self.generations_dir(model, prompt_set), self.scores_dir(model, prompt_set, metric))
+
+    def _score_config(self, metrics: list[str], weights: dict, options: dict, generations: str, output_dir: str) -> ScoreConfig:
+        return ScoreConfig(
+            generations=generations, output_dir=output_dir, metrics=list(metrics), weights=dict(weights), options=dict(options),
+            batch_size=self.score_batch_size, num_workers=self.num_workers, rows_per_part=self.rows_per_part, device=self.device, dtype=self.score_dtype,
+        )

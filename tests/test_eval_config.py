@@ -1,0 +1,60 @@
+"""The evaluate section: defaults, overrides of models and prompt sets, one-line errors."""
+
+import pytest
+
+from sr_finetune.config import load_config
+from sr_finetune.errors import ConfigError
+from sr_finetune.experiment import ExperimentConfig
+
+TINY_WEIGHTS = ["weights.social_reward=sr.pt"]
+
+
+def evaluate(*overrides):
+    return load_config(ExperimentConfig, None, [*TINY_WEIGHTS, *overrides], section="evaluate").evaluate
+
+
+def test_models_and_prompt_sets_come_from_overrides_with_paper_defaults():
+    cfg = evaluate("finetuned.ft.path=runs/ft", "baseline.path=runs/base", "prompt_sets.general.prompts=parti", "prompt_sets.internal.prompts=held_out.txt")
+    assert list(cfg.models()) == ["baseline", "ft"]
+    assert cfg.finetuned["ft"].negative_prompt == "t@y quality" and cfg.baseline.negative_prompt is None
+    assert (cfg.scheduler, cfg.steps, cfg.images_per_prompt) == ("ddim", 30, 4)
+    assert len(cfg.metrics) == 6
+
+
+def test_negative_prompt_is_configurable_per_model():
+    cfg = evaluate("finetuned.a.path=x", "finetuned.b.path=y", "finetuned.b.negative_prompt=null", "finetuned.c.path=z", "finetuned.c.negative_prompt=blurry", "prompt_sets.g.prompts=parti")
+    negatives = {name: cfg.generate_config(name, spec, "g").negative_prompt for name, spec in cfg.models().items()}
+    assert negatives == {"baseline": None, "a": "t@y quality", "b": None, "c": "blurry"}
+
+
+def test_every_model_gets_the_same_seed_and_sampling_settings():
+    cfg = evaluate("finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "seed=7", "steps=12")
+    base, ft = (cfg.generate_config(name, spec, "g") for name, spec in cfg.models().items())
+    for key in ("seed", "steps", "scheduler", "guidance_scale", "height", "width", "images_per_prompt", "prompts"):
+        assert getattr(base, key) == getattr(ft, key), key
+    assert (base.output_dir, ft.output_dir) == ("runs/eval/generations/baseline/g", "runs/eval/generations/ft/g")
+    assert ft.model_name == "ft"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["prompt_sets.g.prompts=parti"], "evaluate.finetuned"),
+        (["finetuned.ft.path=x"], "evaluate.prompt_sets"),
+        (["finetuned.baseline.path=x", "prompt_sets.g.prompts=parti"], "evaluate.finetuned.baseline"),
+        (["finetuned.ft.path=x", "prompt_sets.g.max_prompts=3"], "evaluate.prompt_sets.g.prompts"),
+        (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "metrics=[clip,nima]"], "evaluate.metrics"),
+        (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "confidence=95"], "evaluate.confidence"),
+        (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "steps=0"], "evaluate.steps"),
+        (["finetuned.my/model.path=x", "prompt_sets.g.prompts=parti"], "evaluate.finetuned.my/model"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        evaluate(*overrides)
+    assert f"{key}:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_model_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluate.finetuned.ft.pth' \(did you mean 'path'"):
+        evaluate("finetuned.ft.pth=x")
