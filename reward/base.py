@@ -6,6 +6,11 @@ A reward model splits its work in two so that large scoring runs overlap I/O and
   inside DataLoader workers (they must not touch the model's parameters);
 * ``score(pixel_values, text_inputs)`` is one batched forward on the device and returns a
   float tensor of shape [N], one score per (image, prompt) row.
+
+Scorers whose CPU side is identical say so with ``preprocess_key`` / ``tokenize_key`` (e.g.
+``"openai-clip-224"`` for openai/CLIP's transform at 224 px): a scoring run computes each key
+once per image and feeds the same tensor to every scorer that names it. ``None`` (the default)
+means "not shared with any other scorer".
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ class RewardModel(torch.nn.Module, abc.ABC):
     """Base class of all scorers. Subclasses set ``name`` and implement the three methods."""
 
     name: str = ""
+
+    @property
+    def preprocess_key(self) -> str | None:
+        """Equal keys promise equal ``preprocess_image`` outputs for every image; None = unique."""
+        return None
+
+    @property
+    def tokenize_key(self) -> str | None:
+        """Equal keys promise equal ``tokenize`` outputs for every prompt list; None = unique."""
+        return None
 
     @abc.abstractmethod
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:

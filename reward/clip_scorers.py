@@ -41,7 +41,7 @@ from sr_finetune.models import resolve_device
 
 from .base import RewardModel, register_reward
 from .openai_clip import OpenAICLIPBackbone, download_openai_vit_l_14, load_openai_clip_backbone, resolve_weights_file
-from .preprocess import openai_clip_transform
+from .preprocess import open_clip_tokens_key, openai_clip_key, openai_clip_transform
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ class CLIPScoreReward(RewardModel):
         self.backbone = backbone
         self.transform = openai_clip_transform(backbone.image_size)
         self.context_length = backbone.context_length
+
+    @property
+    def preprocess_key(self) -> str:
+        return openai_clip_key(self.backbone.image_size)
+
+    @property
+    def tokenize_key(self) -> str:
+        return open_clip_tokens_key(self.context_length)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -129,6 +137,14 @@ class AestheticReward(RewardModel):
         self.backbone = backbone  # registered first: its dtype is the one pixels are fed in
         self.head = head.float()
         self.transform = openai_clip_transform(backbone.image_size)
+
+    @property
+    def preprocess_key(self) -> str:
+        return openai_clip_key(self.backbone.image_size)
+
+    @property
+    def tokenize_key(self) -> str:
+        return "empty"
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)

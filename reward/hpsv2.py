@@ -50,7 +50,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
 from .base import RewardModel, register_reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, open_clip_tokens_key
 
 HPS_HUB_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -117,6 +117,14 @@ class HPSv2Reward(RewardModel):
         # plain ints, so that the CPU-side methods never touch the parameters
         self.image_size = _as_int_size(model.visual.image_size)
         self.context_length = int(model.context_length)
+
+    @property
+    def preprocess_key(self) -> str:
+        return f"hpsv2-{self.image_size}" + ("-antialias" if self.antialias else "")
+
+    @property
+    def tokenize_key(self) -> str:
+        return open_clip_tokens_key(self.context_length)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return hps_preprocess(image, self.image_size, self.antialias)

@@ -26,3 +26,13 @@ def openai_clip_transform(size: int = 224) -> T.Compose:
             T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ]
     )
+
+
+def openai_clip_key(size: int) -> str:
+    """The ``preprocess_key`` of :func:`openai_clip_transform` at ``size`` px."""
+    return f"openai-clip-{size}"
+
+
+def open_clip_tokens_key(context_length: int) -> str:
+    """The ``tokenize_key`` of open_clip's ``tokenize`` (= ``clip.tokenize(..., truncate=True)``)."""
+    return f"open_clip-{context_length}"
