@@ -42,6 +42,10 @@ def pct(value: float) -> str:
     return "n/a" if pd.isna(value) else f"{100 * value:.1f}%"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def p_value(value: float) -> str:
     return "n/a" if pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
@@ -209,7 +213,7 @@ def _setup(cfg: EvaluateConfig, scores: pd.DataFrame) -> Table:
         table.rows.append([Cell.text(f"{role}: {name}"), Cell.text(f"{spec.path} (negative prompt: {spec.negative_prompt or 'none'!r})")])
     for name, spec in cfg.prompt_sets.items():
         n = scores.loc[(scores.prompt_set == name) & (scores.model == cfg.baseline_name), "prompt_id"].nunique()
-        table.rows.append([Cell.text(f"prompt set: {name}"), Cell.text(f"{spec.prompts}: {n} prompts x {cfg.images_per_prompt} images")])
+        table.rows.append([Cell.text(f"prompt set: {name}"), Cell.text(f"{spec.prompts}: {plural(n, 'prompt')} x {plural(cfg.images_per_prompt, 'image')}")])
     sampling = f"{cfg.scheduler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}, seed {cfg.seed} (image k of prompt p: same seed for every model)"
     table.rows.append([Cell.text("sampling"), Cell.text(sampling)])
     table.rows.append([Cell.text("metrics"), Cell.text(", ".join(cfg.metrics))])
@@ -245,8 +249,8 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
     grids_html, grids_md = _grids(cfg, scores, thumbs)
     examples_html, examples_md = _examples(cfg, scores, thumbs)
     notes = caveats(cfg, scores, means)
-    lead = (f"{len(cfg.finetuned)} fine-tuned model(s) against the baseline {cfg.baseline_name} on {len(cfg.prompt_sets)} prompt set(s), "
-            f"{cfg.images_per_prompt} images per prompt with the same seeds for every model, {len(metrics)} metrics.")
+    lead = (f"{', '.join(cfg.finetuned)} vs {cfg.baseline_name} ({cfg.baseline.path}): {plural(len(cfg.prompt_sets), 'prompt set')}, "
+            f"{plural(cfg.images_per_prompt, 'image')} per prompt with the same seeds for every model, {plural(len(metrics), 'metric')}.")
     ties = "Ties are counted separately, so win rate + loss rate < 100% when there are ties."
     tinted = "Tinted cells: sign test p < 0.05 (green: more wins, red: more losses). " + ties
     plots = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()}
@@ -261,12 +265,12 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
         f'<h2 id="setup">Setup</h2>{setup.to_html()}',
         f'<h2 id="means">1. Mean scores</h2><p class="small">Mean over images; in brackets the {cfg.confidence:.0%} bootstrap interval over prompts.</p>{means_t.to_html()}',
         f'<h2 id="win-rates">2. Win rates of the fine-tuned models over {html.escape(cfg.baseline_name)}</h2><p class="small">{html.escape(tinted)}</p>',
-        f"<h3>Per prompt (mean of its {cfg.images_per_prompt} same-seed images)</h3>{win_tables['prompt'].to_html()}",
+        f"<h3>Per prompt (mean of its {plural(cfg.images_per_prompt, 'same-seed image')})</h3>{win_tables['prompt'].to_html()}",
         f"<h3>Per same-seed image</h3>{win_tables['image'].to_html()}",
         f'<h2 id="intervals">3. Intervals and sign tests</h2>{intervals.to_html()}',
         f'<h2 id="plots">Plots</h2><img class="plot" src="{plots["means"]}" alt="mean scores with confidence intervals"><img class="plot" src="{plots["win_rates"]}" alt="win, tie and loss rates with confidence intervals">',
         f'<h2 id="grids">Same-seed images</h2><p class="small">The first {cfg.grid_prompts} prompts of each set (not selected by score); hover an image for all its scores.</p>{grids_html}',
-        f'<h2 id="examples">Largest gains and losses</h2><p class="small">Per metric, the {cfg.examples_per_metric} same-seed pairs where the fine-tuned model gains most and loses most.</p>{examples_html}',
+        f'<h2 id="examples">Largest gains and losses</h2><p class="small">Per metric, the {plural(cfg.examples_per_metric, "same-seed pair")} where the fine-tuned model gains most, beside those where it loses most.</p>{examples_html}',
         f'<h2 id="method">Method</h2><ul>{definitions}</ul><p class="small">Machine-readable results: results.json, tables/means.csv, tables/win_rates.csv and scores.parquet beside this file.</p>',
     ]
     pair_css = f".pair p{{max-width:{2 * cfg.thumbnail_size + 20}px}}"  # captions as wide as the two images
@@ -277,7 +281,7 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
         "## Setup\n", setup.to_markdown() + "\n",
         f"## 1. Mean scores\n\nMean over images; in brackets the {cfg.confidence:.0%} bootstrap interval over prompts.\n", means_t.to_markdown() + "\n",
         f"## 2. Win rates of the fine-tuned models over {cfg.baseline_name}\n\n{ties}\n",
-        f"### Per prompt (mean of its {cfg.images_per_prompt} same-seed images)\n", win_tables["prompt"].to_markdown() + "\n",
+        f"### Per prompt (mean of its {plural(cfg.images_per_prompt, 'same-seed image')})\n", win_tables["prompt"].to_markdown() + "\n",
         "### Per same-seed image\n", win_tables["image"].to_markdown() + "\n",
         "## 3. Intervals and sign tests\n", intervals.to_markdown() + "\n",
         "## Plots\n", "![mean scores](figures/means.png)\n", "![win rates](figures/win_rates.png)\n",

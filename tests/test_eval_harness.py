@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from eval.browser_check import static_check
 from eval.harness import _check_paired
 from sr_finetune.cli import main
 from sr_finetune.errors import UserError
@@ -110,6 +111,7 @@ def test_report_shows_the_table_numbers(evaluation):
     assert "t@y quality" in page and "per-prompt" in page.lower() and "“cat”" in page
     assert page.count("<img ") >= 2 + 2 * 2 * 2 * 2  # two plots + a same-seed grid of 2 prompts x 2 models x 2 images per set
     assert "generations/ft/internal/images/" in markdown  # the Markdown links the generated images
+    assert static_check(out / "report.html").ok
 
 
 def test_rerun_reuses_every_generation_and_score(evaluation):
