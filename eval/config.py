@@ -9,6 +9,7 @@ from typing import Any, Optional
 from reward import available_rewards
 from reward.scoring import ScoreConfig
 from sr_finetune.config import require
+from sr_finetune.errors import ConfigError
 from sr_finetune.generation import GenerateConfig
 
 NEGATIVE_TOKEN = "t@y quality"  # the Social Reward token the fine-tuned models learned as "bad"
@@ -90,8 +91,6 @@ class EvaluateConfig:
     thumbnail_size: int = 160
 
     def validate(self) -> None:
-        require(bool(self.finetuned), "finetuned", "name at least one fine-tuned model, e.g. finetuned.ft.path=runs/finetune")
-        require(bool(self.prompt_sets), "prompt_sets", "name at least one prompt set, e.g. prompt_sets.general.prompts=parti")
         require(bool(_NAME.match(self.baseline_name)), "baseline_name", f"'{self.baseline_name}' must be letters, digits, '.', '_' or '-'")
         for name, spec in self.finetuned.items():
             require(bool(_NAME.match(name)), f"finetuned.{name}", "a model name must be letters, digits, '.', '_' or '-'")
@@ -105,10 +104,20 @@ class EvaluateConfig:
             require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         require(self.examples_per_metric >= 0, "examples_per_metric", f"must be >= 0, got {self.examples_per_metric}")
         require(0 < self.confidence < 1, "confidence", f"must be in (0, 1), got {self.confidence}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(len(self.metrics) > 0 and len(set(self.metrics)) == len(self.metrics), "metrics", f"name each metric once, got {self.metrics}")
         unknown = [m for m in self.metrics if m not in available_rewards()]
         require(not unknown, "metrics", f"unknown metric {unknown[:1]} (available: {', '.join(available_rewards())})")
         self.generate_config(self.baseline_name, self.baseline, "check").validate()
-        self._score_config(self.metrics, self.weights, self.options, "check", "check").validate()
+
+    def require_runnable(self) -> None:
+        """What a run needs beyond valid values (the defaults lack it): models, prompt sets, scorer weights."""
+        try:
+            require(bool(self.finetuned), "finetuned", "name at least one fine-tuned model, e.g. finetuned.ft.path=runs/finetune")
+            require(bool(self.prompt_sets), "prompt_sets", "name at least one prompt set, e.g. prompt_sets.general.prompts=parti")
+            self._score_config(self.metrics, self.weights, self.options, "check", "check").validate()
+        except ValueError as exc:
+            raise ConfigError(f"config error: evaluate.{exc}") from None
 
     def models(self) -> dict[str, ModelSpec]:
         """Baseline first, then the fine-tuned models in config order."""

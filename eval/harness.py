@@ -172,6 +172,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationSummary:
 
     from .report import write_report
 
+    cfg.require_runnable()
     start = time.perf_counter()
     made, total = generate_and_score(cfg)
     state = PartialState(cpu=cfg.device == "cpu")

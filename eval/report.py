@@ -29,6 +29,7 @@ td.l,th.l{text-align:left}td.c{text-align:center}td.nw{white-space:nowrap}.ci{co
 td.win{background:#e6f4e7}td.loss{background:#fbe7e7}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:1em 0}
 img.plot{max-width:100%;display:block;margin:.5em 0}.thumb{border:1px solid #bbb;display:block;margin:0 auto}
 figure{display:inline-block;margin:0 .4em .6em 0;vertical-align:top}figcaption{font-size:.75em;color:#444;text-align:center}
+.unreadable{border:1px dashed #c62828;color:#c62828;font-size:.75em;padding:.5em;overflow-wrap:anywhere}
 .prompt{font-style:italic}.gl{display:flex;gap:1.5em}.gl>div{flex:1}h4{margin:.6em 0 .3em}
 .pair{display:inline-block;border:1px solid #ddd;padding:.4em;margin:0 .6em .6em 0;vertical-align:top}.pair p{margin:0 0 .3em}
 """
@@ -146,8 +147,12 @@ class Thumbnails:
         return self._cache[path]
 
     def figure(self, path: str, caption: str, title: str = "") -> str:
-        return (f'<figure><img class="thumb" src="{self.uri(path)}" width="{self.size}" alt="{html.escape(caption)}" title="{html.escape(title)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        """The image with a caption; a file that cannot be read is shown as such, not skipped."""
+        try:
+            image = f'<img class="thumb" src="{self.uri(path)}" width="{self.size}" alt="{html.escape(caption)}" title="{html.escape(title)}">'
+        except OSError as exc:
+            image = f'<div class="unreadable" style="width:{self.size}px">unreadable image {html.escape(path)}: {html.escape(type(exc).__name__)}</div>'
+        return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def _score_title(row: pd.Series, metrics: list[str]) -> str:
@@ -232,7 +237,8 @@ def caveats(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame) -> l
     for name in cfg.prompt_sets:
         n = base.loc[base.prompt_set == name, "prompt_id"].nunique()
         if n < FEW_PROMPTS:
-            notes.append(f"Prompt set {name} has only {n} prompts: its intervals and p-values are rough; use at least a few hundred prompts for decisions.")
+            notes.append(f"Prompt set {name} has only {plural(n, 'prompt')}: its intervals and p-values are rough (a bootstrap interval can even shrink to a point, "
+                         "e.g. [100%, 100%] when every prompt is won); use at least a few hundred prompts for decisions.")
     missing = means[means.missing > 0]
     if len(missing):
         worst = missing.sort_values("missing", ascending=False).iloc[0]

@@ -2,15 +2,16 @@
 
 import pytest
 
+from eval.config import EvaluateConfig
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError
 from sr_finetune.experiment import ExperimentConfig
 
-TINY_WEIGHTS = ["weights.social_reward=sr.pt"]
+SOCIAL_REWARD = ["weights.social_reward=sr.pt"]
 
 
-def evaluate(*overrides):
-    return load_config(ExperimentConfig, None, [*TINY_WEIGHTS, *overrides], section="evaluate").evaluate
+def evaluate(*overrides, weights=SOCIAL_REWARD):
+    return load_config(ExperimentConfig, None, [*weights, *overrides], section="evaluate").evaluate
 
 
 def test_models_and_prompt_sets_come_from_overrides_with_paper_defaults():
@@ -47,14 +48,29 @@ def test_every_model_gets_the_same_seed_and_sampling_settings():
         (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "confidence=95"], "evaluate.confidence"),
         (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "steps=0"], "evaluate.steps"),
         (["finetuned.my/model.path=x", "prompt_sets.g.prompts=parti"], "evaluate.finetuned.my/model"),
+        (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "metrics=[clip,clip]"], "evaluate.metrics"),
+        (["finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "weights.nima=n.pt"], "evaluate.weights"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
-        evaluate(*overrides)
+        evaluate(*overrides).require_runnable()
     assert f"{key}:" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_model_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown key 'evaluate.finetuned.ft.pth' \(did you mean 'path'"):
         evaluate("finetuned.ft.pth=x")
+
+
+def test_defaults_validate_so_configs_without_an_evaluate_section_load():
+    cfg = EvaluateConfig()
+    cfg.validate()  # whole-tree validation of a config file without an evaluate section
+    assert cfg.finetuned == {} and cfg.baseline.path == "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_a_run_needs_social_reward_weights_when_it_asks_for_social_reward():
+    cfg = evaluate("finetuned.ft.path=x", "prompt_sets.g.prompts=parti", weights=[])
+    with pytest.raises(ConfigError, match="evaluate.weights.social_reward: social_reward needs the checkpoint"):
+        cfg.require_runnable()
+    evaluate("finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "metrics=[clip,hpsv2]", weights=[]).require_runnable()

@@ -10,7 +10,7 @@ from PIL import Image
 from eval.browser_check import browser_check, find_browser, static_check
 from eval.config import EvaluateConfig, FinetunedSpec, ModelSpec, PromptSetSpec
 from eval.harness import compute_tables
-from eval.report import write_report
+from eval.report import Thumbnails, write_report
 
 METRICS = ["hpsv2", "pickscore"]
 
@@ -76,3 +76,9 @@ def test_browser_check_sees_an_image_that_does_not_load(report, tmp_path):
     broken.write_text(report.read_text().replace('src="data:image/jpeg;base64,', 'src="data:image/jpeg;base64,AAAA', 1))
     problems = browser_check(broken).problems
     assert len(problems) == 1 and problems[0].startswith("image did not load in the browser")
+
+
+def test_an_unreadable_image_is_shown_as_unreadable(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    figure = Thumbnails(tmp_path, 64).figure("empty.png", "ft 0.25")
+    assert "unreadable image empty.png" in figure and "<img" not in figure and "ft 0.25" in figure
