@@ -9,6 +9,7 @@ Layout of ``output_dir``::
     tables/means.csv, tables/win_rates.csv     the two tables, long form
     results.json                               settings, definitions and both tables
     report.md, report.html                     the report (the HTML is self-contained)
+    figures/means.png, figures/win_rates.png   the plots, for the Markdown report
 
 Scoring runs per metric so that adding a metric later scores only that metric.
 """
