@@ -104,6 +104,19 @@ def _run_tiny_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages_in_file(path: str) -> list[str]:
+    """The stages whose section the config file has, in flow order."""
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config error: config file not found: {path}")
+    present = set(OmegaConf.load(path).keys())
+    wanted = [command for command, section, _, _ in STAGES if section in present]
+    if not wanted:
+        raise ConfigError(f"config error: {path} has no stage section ({', '.join(s for _, s, _, _ in STAGES)})")
+    return wanted
+
+
 def _run_stages(args: argparse.Namespace) -> int:
     """Run several stages of one experiment config in order, validating all of them first."""
     from .experiment import ExperimentConfig
@@ -111,7 +124,7 @@ def _run_stages(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("sr-finetune run is single-process; under accelerate launch run each stage's recipe instead")
     sections = {command: (section, run) for command, section, run, _ in STAGES}
-    wanted = args.stages.split(",") if args.stages else list(sections)
+    wanted = args.stages.split(",") if args.stages else _stages_in_file(args.config)
     unknown = [name for name in wanted if name not in sections]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in --stages (expected some of {list(sections)})")
@@ -132,9 +145,8 @@ STAGES = [
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
     ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
+    ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
 ]
-# evaluate is not in STAGES (yet): `run` without --stages would then need an evaluate section in every config
-EVALUATE = ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,14 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    for command, section, run, help_text in [*STAGES, EVALUATE]:
+    for command, section, run, help_text in STAGES:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))
 
     run_all = sub.add_parser("run", help="run several stages of one config in order (single process; each stage resumes)")
     run_all.add_argument("--config", required=True, help="YAML config file with a section per stage")
-    run_all.add_argument("--stages", help=f"comma-separated, default all in flow order: {','.join(c for c, *_ in STAGES)}")
+    run_all.add_argument("--stages", help=f"comma-separated, in flow order ({','.join(c for c, *_ in STAGES)}); default: those with a section in the config")
     run_all.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. generate.steps=20")
     run_all.set_defaults(func=_run_stages)
     return parser

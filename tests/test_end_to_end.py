@@ -1,4 +1,4 @@
-"""The README's main job: tiny world -> generate -> score -> build-pairs -> finetune, through the CLI."""
+"""The README's main job: tiny world -> generate -> score -> build-pairs -> finetune -> evaluate, through the CLI."""
 
 import json
 
@@ -11,7 +11,8 @@ from conftest import REPO
 from sr_finetune.cli import main
 
 TINY_YAML = REPO / "recipes" / "configs" / "tiny.yaml"
-SMALL = ["generate.max_prompts=4", "generate.images_per_prompt=3", "generate.steps=3", "finetune.max_train_steps=3", "finetune.checkpointing_steps=0", "finetune.validation_prompts=[]", "finetune.report_to=none"]
+SMALL = ["generate.max_prompts=4", "generate.images_per_prompt=3", "generate.steps=3", "finetune.max_train_steps=3", "finetune.checkpointing_steps=0", "finetune.validation_prompts=[]", "finetune.report_to=none",
+         "evaluate.prompt_sets.internal.max_prompts=2", "evaluate.prompt_sets.general.max_prompts=2", "evaluate.steps=3", "evaluate.bootstrap_samples=200"]
 
 
 def weights(folder, component):
@@ -72,3 +73,13 @@ def test_run_refuses_a_multi_process_launch(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "--config", str(TINY_YAML)]) == 2
     assert "single-process" in capsys.readouterr().err
+
+
+def test_evaluation_compares_the_fine_tuned_model_with_its_base(demo_run):
+    report = demo_run / "eval"
+    wins = pd.read_csv(report / "tables" / "win_rates.csv")
+    assert set(wins.prompt_set) == {"internal", "general"} and set(wins.model) == {"ft"}
+    assert set(wins.unit) == {"image", "prompt"} and len(wins) == 2 * 6 * 2
+    image_unit = wins[wins.unit == "image"]
+    assert (image_unit.wins + image_unit.ties + image_unit.losses == 4).all()  # 2 prompts x 2 images
+    assert (report / "report.html").stat().st_size > 10_000 and (report / "report.md").is_file()
