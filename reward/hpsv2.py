@@ -50,6 +50,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
 from .base import RewardModel, register_reward
+from .loading import build_on_meta, ensure_materialized, read_checkpoint_mapped, restore_causal_mask
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, open_clip_tokens_key
 
 HPS_HUB_REPO = "xswu/HPSv2"
@@ -210,12 +211,13 @@ def resolve_hps_checkpoint(weights: str | os.PathLike | None, version: str = DEF
 
 def load_hps_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of an HPS file (``{'state_dict': ...}``, a plain state dict also
-    accepted), floating tensors cast to fp32."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    accepted), floating tensors cast to fp32. The file is memory-mapped while it is read and
+    every tensor copied out, so nothing refers to the file afterwards."""
+    checkpoint = read_checkpoint_mapped(path)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not an HPS checkpoint ({{'state_dict': tensors}})")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
 
 
 @register_reward("hpsv2")
@@ -235,27 +237,38 @@ def load_hpsv2(
     path = resolve_hps_checkpoint(weights, version)
     if model_config is None and (path.parent / MODEL_CONFIG_FILE).is_file():
         model_config = path.parent / MODEL_CONFIG_FILE
-    model = build_open_clip_model(model_config)
+    model = build_on_meta(lambda: build_open_clip_model(model_config))  # no random init: every weight is loaded
     try:
-        model.load_state_dict(load_hps_state_dict(path), strict=True)
+        model.load_state_dict(load_hps_state_dict(path), strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{path} does not fit the hpsv2 model_config: {str(exc).splitlines()[0]}") from None
+    restore_causal_mask(model)
+    ensure_materialized(model, path)
     model = model.to(device=resolve_device(str(device)), dtype=resolve_dtype(dtype)).eval()
     return HPSv2Reward(model, version=version, antialias=antialias, autocast=autocast).eval()
 
 
-def make_tiny_hpsv2(out_dir: str | os.PathLike, seed: int = 0, version: str = DEFAULT_VERSION, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a tiny HPS checkpoint (``TINY_HPS_CONFIG``, seeded random weights) in the real file
-    format and name: ``out_dir/HPS_v2_compressed.pt`` = ``{'state_dict': ...}`` in ``dtype``, with
-    the architecture in ``out_dir/open_clip_config.json`` so ``load_hpsv2(out_dir)`` needs nothing else."""
+def make_tiny_hpsv2(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    version: str = DEFAULT_VERSION,
+    dtype: torch.dtype = torch.float16,
+    model_config: str | os.PathLike | dict = "tiny",
+) -> Path:
+    """Write an HPS checkpoint with seeded random weights in the real file format and name:
+    ``out_dir/HPS_v2_compressed.pt`` = ``{'state_dict': ...}`` in ``dtype``, with the architecture
+    in ``out_dir/open_clip_config.json`` so ``load_hpsv2(out_dir)`` needs nothing else.
+    ``model_config``: ``"tiny"`` (``TINY_HPS_CONFIG``, for tests) or ``"ViT-H-14"`` (the real size)."""
+    config = resolve_model_config(model_config)
     torch.manual_seed(seed)
-    model = build_open_clip_model(TINY_HPS_CONFIG)
+    model = build_open_clip_model(config)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    del model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / HPS_FILES[version]
     torch.save({"state_dict": state}, path)
-    (out / MODEL_CONFIG_FILE).write_text(json.dumps({"model_cfg": TINY_HPS_CONFIG}, indent=2))
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps({"model_cfg": config}, indent=2))
     return path
 
 

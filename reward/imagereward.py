@@ -45,6 +45,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_dtype
 
 from .base import RewardModel, register_reward
+from .loading import build_on_meta, ensure_materialized
 from .blip import (
     BLIP_VIT_BASE,
     BLIP_VIT_LARGE,
@@ -268,9 +269,10 @@ def resolve_vision_config(vision_config: str | os.PathLike | Mapping | BlipVisio
 
 def load_checkpoint_weights(model: ImageRewardModel, state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike = "checkpoint") -> None:
     """Non-strict load like the reference, but every weight the score needs must be present;
-    keys neither used nor known to be unused are reported."""
+    keys neither used nor known to be unused are reported. The checkpoint's tensors are assigned
+    (the model may be built on the meta device, see ``reward.loading``)."""
     try:
-        result = model.load_state_dict(state_dict, strict=False)
+        result = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:  # shape mismatches are errors even when not strict
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise UserError(f"{source} does not fit the ImageReward architecture: {'; '.join(details[:3]) or exc}") from None
@@ -304,29 +306,36 @@ def load_imagereward(
     text_config = MedBertConfig.from_json_file(config_path)
     if not text_config.add_cross_attention:
         raise UserError(f"{config_path}: ImageReward needs add_cross_attention: true")
-    blip = BLIPBackbone(resolve_vision_config(vision_config, state_dict), text_config)
+    blip = build_on_meta(lambda: BLIPBackbone(resolve_vision_config(vision_config, state_dict), text_config))  # weights come from the checkpoint
     tok = load_blip_tokenizer(tokenizer)
     if len(tok) > text_config.vocab_size:
         raise UserError(f"the tokenizer has {len(tok)} entries but {config_path} has vocab_size {text_config.vocab_size}")
     model = ImageRewardModel(blip, tok)
-    load_checkpoint_weights(model, state_dict, checkpoint_path)
+    load_checkpoint_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, checkpoint_path)
+    ensure_materialized(model, checkpoint_path)
     model = model.to(device=torch.device(device), dtype=resolve_dtype(dtype))
     model.mlp.float()  # the reference feeds h.float() to an fp32 head
     return model.eval()
 
 
-def make_tiny_imagereward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny ImageReward folder in the real file formats: ``ImageReward.pt`` (seeded random
+def make_tiny_imagereward(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    vision_config: BlipVisionConfig = TINY_VISION_CONFIG,
+    med_config: Mapping[str, Any] = TINY_MED_CONFIG,
+) -> Path:
+    """Write an ImageReward folder in the real file formats: ``ImageReward.pt`` (seeded random
     weights, the reference's key names, including BLIP's unused ``vision_proj``/``text_proj`` and
-    ``position_ids``) and ``med_config.json`` (``TINY_MED_CONFIG``). Load with ``weights=out_dir``."""
+    ``position_ids``) and ``med_config.json``. Load with ``weights=out_dir``. The default sizes are
+    the tiny test ones; ``BLIP_VIT_LARGE`` and ``MED_CONFIG`` give the real ImageReward's."""
     torch.manual_seed(seed)
-    text_config = MedBertConfig.from_dict(TINY_MED_CONFIG)
-    blip = BLIPBackbone(TINY_VISION_CONFIG, text_config)
+    text_config = MedBertConfig.from_dict(med_config)
+    blip = BLIPBackbone(vision_config, text_config)
     mlp = RewardMLP(text_config.hidden_size)
     state = {f"blip.{k}": v for k, v in blip.state_dict().items()}
     state.update({f"mlp.{k}": v for k, v in mlp.state_dict().items()})
     blip_embed_dim = 256  # BLIP_Pretrain's contrastive projections, saved by the reference
-    state["blip.vision_proj.weight"] = torch.randn(blip_embed_dim, TINY_VISION_CONFIG.embed_dim) * 0.02
+    state["blip.vision_proj.weight"] = torch.randn(blip_embed_dim, vision_config.embed_dim) * 0.02
     state["blip.vision_proj.bias"] = torch.zeros(blip_embed_dim)
     state["blip.text_proj.weight"] = torch.randn(blip_embed_dim, text_config.hidden_size) * 0.02
     state["blip.text_proj.bias"] = torch.zeros(blip_embed_dim)
@@ -334,7 +343,7 @@ def make_tiny_imagereward(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / CHECKPOINT_FILE)
-    (out / MED_CONFIG_FILE).write_text(json.dumps(TINY_MED_CONFIG, indent=2))
+    (out / MED_CONFIG_FILE).write_text(json.dumps(dict(med_config), indent=2))
     return out
 
 

@@ -37,11 +37,26 @@ import torch
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
+from .loading import build_on_meta, ensure_materialized, restore_causal_mask
+
 # Keys of OpenAI's TorchScript archives that are not weights of the model.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _SAFETENSORS_SUFFIX = ".safetensors"
 
 OPENAI_VIT_L_14 = ("ViT-L-14", "openai")  # open_clip (architecture, pretrained tag) of the default
+
+# OpenAI's ViT-L/14 (the backbone of social_reward, clip and aesthetic), in openai_clip_config's terms.
+OPENAI_VIT_L_14_CONFIG: dict[str, int] = {
+    "embed_dim": 768,
+    "image_size": 224,
+    "patch_size": 14,
+    "vision_width": 1024,
+    "vision_layers": 24,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "text_width": 768,
+    "text_layers": 12,
+}
 
 # A tiny ViT of the same family: real vocabulary, 77-token context and 224 px input (so the
 # real tokenizer and preprocessing apply); widths are multiples of 64 because the OpenAI layout
@@ -141,8 +156,9 @@ def build_openai_clip(config: dict[str, int], cast_dtype: torch.dtype | None = N
 
 
 def openai_clip_from_state_dict(state: dict[str, torch.Tensor], dtype: str | torch.dtype = "fp32") -> torch.nn.Module:
-    """Build an open_clip ``CLIP`` from an OpenAI-layout state dict (exact fp32 values loaded;
-    then, for fp16/bf16, OpenAI's partial low-precision conversion)."""
+    """Build an open_clip ``CLIP`` from an OpenAI-layout state dict (exact fp32 values, assigned
+    to a model built without random init; then, for fp16/bf16, OpenAI's partial low-precision
+    conversion)."""
     from open_clip.model import convert_weights_to_lp
 
     dtype = resolve_dtype(dtype)
@@ -151,12 +167,14 @@ def openai_clip_from_state_dict(state: dict[str, torch.Tensor], dtype: str | tor
     except KeyError as exc:
         raise UserError(f"not an OpenAI-layout CLIP ViT state dict: no {exc}") from None
     low_precision = dtype in (torch.float16, torch.bfloat16)
-    model = build_openai_clip(config, cast_dtype=dtype if low_precision else None)
+    model = build_on_meta(lambda: build_openai_clip(config, cast_dtype=dtype if low_precision else None))
     fp32_state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(fp32_state, strict=True)
+        model.load_state_dict(fp32_state, strict=True, assign=True)
     except RuntimeError as exc:
         raise UserError(f"CLIP state dict does not fit the architecture read off its shapes: {str(exc).splitlines()[0]}") from None
+    restore_causal_mask(model)
+    ensure_materialized(model, "the CLIP state dict")
     if low_precision:
         convert_weights_to_lp(model, dtype=dtype)
     elif dtype != torch.float32:
@@ -335,6 +353,7 @@ def _save_torchscript(model: torch.nn.Module, config: dict[str, int], path: Path
 
 __all__ = [
     "OPENAI_VIT_L_14",
+    "OPENAI_VIT_L_14_CONFIG",
     "OpenAICLIPBackbone",
     "TINY_OPENAI_CLIP",
     "build_openai_clip",

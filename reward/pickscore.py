@@ -165,22 +165,37 @@ def write_laion_vit_h_14_processor(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def make_tiny_pickscore(out_dir: str | os.PathLike, seed: int = 0, logit_scale: float = 4.5) -> Path:
-    """Write a tiny PickScore folder: a ``CLIPModel`` of the same family (GELU, 224 px, patch 14,
-    real vocabulary, 77 positions) with seeded random weights and ``logit_scale`` (exp(4.5) ~ 90,
-    deliberately not 100), plus the laion processor files, so ``weights=processor=out_dir``."""
+# (text, vision, projection_dim) of the CLIPModel sizes make_tiny_pickscore writes. The token
+# ids are the legacy ones of the laion conversion: the text is pooled at argmax(ids) = EOS.
+_TEXT_IDS = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_LENGTH, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+_VISION_IMAGE = dict(image_size=224, patch_size=14, hidden_act="gelu")
+PICKSCORE_SIZES: dict[str, tuple[dict, dict, int]] = {
+    "tiny": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **_TEXT_IDS),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **_VISION_IMAGE),
+        32,
+    ),
+    # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, PickScore_v1's architecture
+    "ViT-H-14": (
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, **_TEXT_IDS),
+        dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, **_VISION_IMAGE),
+        1024,
+    ),
+}
+
+
+def make_tiny_pickscore(out_dir: str | os.PathLike, seed: int = 0, logit_scale: float = 4.5, size: str = "tiny") -> Path:
+    """Write a PickScore folder: a ``CLIPModel`` of the real family (GELU, 224 px, patch 14, real
+    vocabulary, 77 positions) with seeded random weights and ``logit_scale`` (exp(4.5) ~ 90,
+    deliberately not 100), plus the laion processor files, so ``weights=processor=out_dir``.
+    ``size``: ``"tiny"`` (for tests) or ``"ViT-H-14"`` (the real size)."""
     from transformers import CLIPConfig, CLIPModel
 
-    text_config = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH, hidden_act="gelu", projection_dim=32,
-        bos_token_id=0, eos_token_id=2, pad_token_id=1,  # legacy ids of the laion conversion: pools at argmax(ids) = EOS
-    )
-    vision_config = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=224, patch_size=14, hidden_act="gelu", projection_dim=32,
-    )
-    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32, logit_scale_init_value=logit_scale)
+    if size not in PICKSCORE_SIZES:
+        raise UserError(f"unknown pickscore size '{size}' (expected one of {sorted(PICKSCORE_SIZES)})")
+    text, vision, projection_dim = PICKSCORE_SIZES[size]
+    text_config, vision_config = dict(text, projection_dim=projection_dim), dict(vision, projection_dim=projection_dim)
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim, logit_scale_init_value=logit_scale)
     torch.manual_seed(seed)
     model = CLIPModel(config)
     with torch.no_grad():

@@ -1,21 +1,25 @@
 """The scoring run: every requested metric for every image of a manifest, in one streaming pass.
 
 Rows are cut into parts of ``rows_per_part`` in manifest order; part ``k`` belongs to process
-``k % world_size``. DataLoader workers open each image once and run every scorer's CPU
-preprocessing; the main loop only runs batched forwards. A finished part has its
-``scores/part-XXXXX.parquet`` (and ``errors/part-XXXXX.parquet``) and is never redone, so a crash
-loses at most the part in flight. Unreadable images (missing, empty, truncated, not an image)
-are recorded with their reason in the errors part, never dropped.
+``k % world_size``. DataLoader workers open each image once and run each distinct CPU
+preprocessing and tokenisation once (scorers with equal ``preprocess_key`` / ``tokenize_key``
+share the result, see :func:`plan_inputs`); the main loop only runs batched forwards, and one
+loader streams all of a process's parts, so the workers never idle at a part boundary. A
+finished part has its ``scores/part-XXXXX.parquet`` (and ``errors/part-XXXXX.parquet``) and is
+never redone, so a crash loses at most the part in flight. Unreadable images (missing, empty,
+truncated, not an image) are recorded with their reason in the errors part, never dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -47,6 +51,7 @@ class ScoreConfig:
     output_dir: str = "runs/scores"
     batch_size: int = 32
     num_workers: int = 2
+    cpu_threads: Optional[int] = None  # torch threads of the forwards on a CPU device (None: chosen from measured load)
     rows_per_part: int = 4096
     device: str = "auto"
     dtype: str = "fp32"
@@ -55,6 +60,7 @@ class ScoreConfig:
         for key in ("batch_size", "rows_per_part"):
             require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.cpu_threads is None or self.cpu_threads > 0, "cpu_threads", f"must be positive, got {self.cpu_threads}")
         require(len(self.metrics) > 0, "metrics", "name at least one metric")
         require(len(set(self.metrics)) == len(self.metrics), "metrics", f"repeated metric in {self.metrics}")
         require(
@@ -101,68 +107,279 @@ def read_image_table(cfg: ScoreConfig) -> pd.DataFrame:
     return out
 
 
-class _ImageRows(torch.utils.data.Dataset):
-    """Opens each image once and runs every scorer's CPU-side preprocessing (in DataLoader workers)."""
+@dataclass
+class InputPlan:
+    """The CPU-side work a set of scorers needs, each distinct computation once.
 
-    def __init__(self, rows: pd.DataFrame, scorers: dict[str, RewardModel]):
-        self.ids = rows.image_id.tolist()
-        self.prompts = rows.prompt.tolist()
-        self.paths = rows.path.tolist()
-        self.scorers = scorers
+    Scorers with the same ``preprocess_key`` (``tokenize_key``) share one image tensor (token
+    batch), made by the first scorer with that key; a scorer without a key gets its own."""
+
+    pixel_keys: dict[str, str]  # metric -> key of its pixel tensor
+    text_keys: dict[str, str]  # metric -> key of its token batch
+    pixel_makers: dict[str, RewardModel]  # key -> the scorer whose preprocess_image makes it
+    text_makers: dict[str, RewardModel]  # key -> the scorer whose tokenize makes it
+
+    def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """One image -> {pixel key: tensor [C, H, W]}."""
+        return {key: maker.preprocess_image(image) for key, maker in self.pixel_makers.items()}
+
+    def tokenize(self, prompts: list[str]) -> dict[str, Any]:
+        """Prompts -> {text key: tokens, one row per prompt}; a repeated prompt is tokenised once."""
+        index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        where = None if len(index) == len(prompts) else torch.tensor([index[p] for p in prompts])
+        return {key: _take_rows(maker.tokenize(list(index)), where) for key, maker in self.text_makers.items()}
+
+
+def _take_rows(tokens: Any, where: torch.Tensor | None) -> Any:
+    if where is None:
+        return tokens
+    if isinstance(tokens, dict):
+        return {k: v[where] for k, v in tokens.items()}
+    return tokens[where]
+
+
+def plan_inputs(scorers: dict[str, RewardModel]) -> InputPlan:
+    """Group the scorers by ``preprocess_key`` and by ``tokenize_key`` (None: a group of its own)."""
+    pixel_keys = {name: s.preprocess_key or f"metric:{name}" for name, s in scorers.items()}
+    text_keys = {name: s.tokenize_key or f"metric:{name}" for name, s in scorers.items()}
+    pixel_makers: dict[str, RewardModel] = {}
+    text_makers: dict[str, RewardModel] = {}
+    for name, scorer in scorers.items():
+        pixel_makers.setdefault(pixel_keys[name], scorer)
+        text_makers.setdefault(text_keys[name], scorer)
+    return InputPlan(pixel_keys, text_keys, pixel_makers, text_makers)
+
+
+def _open_image(path: str) -> Image.Image | str:
+    """The decoded image, or why it cannot be read (missing, empty, truncated, not an image)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as exc:  # record, never crash
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Item = one batch of row numbers -> each image decoded once, each distinct preprocessing
+    and tokenisation run once, stacked into one batch (in a DataLoader worker).
+
+    Paths and prompts are Arrow strings: reading them touches no Python reference counts, so
+    forked workers do not copy the table page by page as they go."""
+
+    def __init__(self, paths: list[str], prompts: list[str], plan: InputPlan):
+        import pyarrow as pa
+
+        self.paths = pa.array(paths, type=pa.large_string())
+        self.prompts = pa.array(prompts, type=pa.large_string())
+        self.plan = plan
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict:
-        try:
-            with Image.open(self.paths[i]) as im:
-                im.load()
-                image = im.copy()
-        except Exception as exc:  # missing, empty, truncated, not an image: record, never crash
-            return {"i": i, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")}
-        item = {"i": i, "pixels": {}, "text": {}}
-        for name, scorer in self.scorers.items():
-            item["pixels"][name] = scorer.preprocess_image(image)
-            item["text"][name] = _first_row(scorer.tokenize([self.prompts[i]]))
-        return item
+    def __getitem__(self, rows: range) -> dict:
+        cpu_start = time.process_time()
+        good, bad = [], []
+        pixels: dict[str, list[torch.Tensor]] = {key: [] for key in self.plan.pixel_makers}
+        for i in rows:
+            image = _open_image(self.paths[i].as_py())
+            if isinstance(image, str):
+                bad.append((i, image))
+                continue
+            good.append(i)
+            for key, tensor in self.plan.preprocess(image).items():
+                pixels[key].append(tensor)
+        batch: dict[str, Any] = {"i": good, "bad": bad}
+        if good:
+            # default_collate stacks straight into shared memory inside a worker (no extra copy)
+            batch["pixels"] = {key: torch.utils.data.default_collate(tensors) for key, tensors in pixels.items()}
+            batch["text"] = self.plan.tokenize([self.prompts[i].as_py() for i in good])
+        batch["cpu_seconds"] = time.process_time() - cpu_start
+        return batch
 
 
-def _first_row(tokens: Any) -> Any:
-    if isinstance(tokens, dict):
-        return {k: v[0] for k, v in tokens.items()}
-    return tokens[0]
+class _PartBatches(torch.utils.data.Sampler):
+    """Row ranges of at most ``batch_size`` rows, part after part; no batch spans two parts."""
+
+    def __init__(self, parts: list[tuple[int, int, int]], batch_size: int):
+        self.parts = parts
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[range]:
+        for _, start, stop in self.parts:
+            for first in range(start, stop, self.batch_size):
+                yield range(first, min(first + self.batch_size, stop))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for _, start, stop in self.parts)
 
 
-def _collate(items: list[dict]) -> dict:
-    good = [it for it in items if "error" not in it]
-    batch = {"bad": [(it["i"], it["error"]) for it in items if "error" in it], "i": [it["i"] for it in good]}
-    if good:
-        batch["pixels"] = {name: torch.stack([it["pixels"][name] for it in good]) for name in good[0]["pixels"]}
-        batch["text"] = {name: torch.utils.data.default_collate([it["text"][name] for it in good]) for name in good[0]["text"]}
+def _as_is(batch: dict) -> dict:
     return batch
 
 
-def score_rows(rows: pd.DataFrame, scorers: dict[str, RewardModel], *, batch_size: int, num_workers: int, device: torch.device, progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+class _PartResult:
+    """Scores and errors of one part (rows ``start:stop``), filled batch by batch."""
+
+    def __init__(self, part: int, start: int, stop: int, metrics: list[str]):
+        self.part, self.start, self.stop = part, start, stop
+        self.values = {name: np.full(stop - start, np.nan) for name in metrics}
+        self.ok = np.zeros(stop - start, dtype=bool)
+        self.bad: list[tuple[int, str]] = []
+        self.seen = 0
+
+    def add(self, batch: dict, scores: dict[str, torch.Tensor]) -> None:
+        local = np.asarray(batch["i"], dtype=np.int64) - self.start
+        for name, values in scores.items():
+            self.values[name][local] = values.numpy()
+        self.ok[local] = True
+        self.bad += batch["bad"]
+        self.seen += len(batch["i"]) + len(batch["bad"])
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.stop - self.start
+
+    def frames(self, ids: np.ndarray, paths: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+        scores = pd.DataFrame({"image_id": ids[self.start : self.stop][self.ok], **{n: v[self.ok] for n, v in self.values.items()}})
+        errors = pd.DataFrame([(ids[i], paths[i], reason) for i, reason in self.bad], columns=ERROR_COLUMNS)
+        return scores, errors
+
+
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ForwardThreads:
+    """Torch's thread count for the forwards on a CPU device, chosen from measured load.
+
+    The DataLoader workers need CPU too; forward threads plus busy workers beyond the core count
+    make OpenMP threads wait for descheduled peers (on 2 CPUs with 2 busy workers, 2 forward
+    threads ran several times slower than 1). So the run starts with the CPUs the workers leave
+    (at least 1), measures the workers' CPU seconds per forward second (the cores they keep
+    busy) and then uses the most threads that still fit: tiny models, whose preprocessing costs
+    about as much as their forward, stay at 1 thread on 2 CPUs; large models, whose workers
+    mostly sleep, get every CPU after their first forward. ``fixed`` (``cpu_threads``) or no
+    workers: no adaptation. :meth:`restore` puts the previous thread count back."""
+
+    MIN_BATCHES, MIN_FORWARD_SECONDS = 4, 5.0  # decide after this much evidence (either)
+    SLACK = 0.1  # CPUs of worker load tolerated beyond the core count
+
+    def __init__(self, num_workers: int, fixed: int | None = None):
+        self.before = torch.get_num_threads()
+        self.cpus = _available_cpus()
+        self.adaptive = not fixed and num_workers > 0
+        self.threads = fixed or (max(1, min(self.before, self.cpus - num_workers)) if num_workers else self.before)
+        self.worker_cpu = self.forward = 0.0
+        self.batches = 0
+        torch.set_num_threads(self.threads)
+        logger.info("score: %d forward thread(s) on %d CPUs, %d DataLoader worker(s)%s", self.threads, self.cpus, num_workers, ", adapting to load" if self.adaptive else "")
+
+    def batch_arrived(self, worker_cpu_seconds: float) -> None:
+        """Account the CPU seconds a worker spent making one batch."""
+        self.worker_cpu += worker_cpu_seconds
+        self.batches += 1
+
+    def forward_done(self, seconds: float) -> None:
+        """Account one scorer's forward; re-decide once enough evidence has accumulated (after
+        one forward of a large model, after a few batches of tiny ones)."""
+        self.forward += seconds
+        if self.adaptive and (self.batches >= self.MIN_BATCHES or self.forward >= self.MIN_FORWARD_SECONDS):
+            self._decide(self.worker_cpu / self.forward)
+            self.worker_cpu = self.forward = 0.0
+            self.batches = 0
+
+    def _decide(self, load: float) -> None:
+        # n threads run ~n/threads times faster, so the workers' share grows by the same factor
+        fits = [n for n in range(1, max(self.before, self.threads) + 1) if n + load * n / self.threads <= self.cpus + self.SLACK]
+        best = max(fits, default=1)
+        if best != self.threads:
+            logger.info("score: %d forward thread(s) (DataLoader workers keep %.2f of %d CPUs busy)", best, load, self.cpus)
+            self.threads = best
+            torch.set_num_threads(best)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.before)
+
+
+def _score_batch(
+    batch: dict, scorers: dict[str, RewardModel], plan: InputPlan, dtypes: dict[str, torch.dtype], device: torch.device, threads: ForwardThreads | None = None
+) -> dict[str, torch.Tensor]:
+    """Every scorer's forward on one batch; each shared input goes to the device once. Each
+    forward's duration goes to ``threads`` (CPU runs)."""
+    moved: dict[Any, Any] = {}
+    out = {}
+    for name, scorer in scorers.items():
+        start = time.perf_counter()
+        pixel_key, text_key = (plan.pixel_keys[name], dtypes[name]), plan.text_keys[name]
+        if pixel_key not in moved:
+            moved[pixel_key] = to_device(batch["pixels"][pixel_key[0]], device, dtypes[name])
+        if text_key not in moved:
+            moved[text_key] = to_device(batch["text"][text_key], device)
+        out[name] = scorer.score(moved[pixel_key], moved[text_key]).detach().double().cpu()
+        if threads is not None:
+            threads.forward_done(time.perf_counter() - start)
+    return out
+
+
+def iter_scored_parts(
+    rows: pd.DataFrame,
+    scorers: dict[str, RewardModel],
+    parts: list[tuple[int, int, int]],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: Any = None,
+    cpu_threads: int | None = None,
+) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
+    """Score the row ranges ``parts`` = [(part, start, stop)] of ``rows`` through one DataLoader,
+    so the workers stay busy across part boundaries; yield (part, scores, errors) as each part
+    completes. On a CPU device :class:`ForwardThreads` picks the forwards' thread count."""
+    plan = plan_inputs(scorers)
+    dtypes = {name: next(scorer.parameters()).dtype for name, scorer in scorers.items()}
+    loader = torch.utils.data.DataLoader(
+        _BatchReader(rows.path.tolist(), rows.prompt.tolist(), plan),
+        batch_size=None,
+        sampler=_PartBatches(parts, batch_size),
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        pin_memory=device.type == "cuda",
+    )
+    ids, paths = rows.image_id.to_numpy(), rows.path.to_numpy()
+    pending = (_PartResult(*part, list(scorers)) for part in parts)
+    current = next(pending)
+    threads = ForwardThreads(num_workers, cpu_threads) if device.type == "cpu" else None
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                if threads is not None:
+                    threads.batch_arrived(batch["cpu_seconds"])
+                current.add(batch, _score_batch(batch, scorers, plan, dtypes, device, threads) if batch["i"] else {})
+                if progress is not None:
+                    progress.update(len(batch["i"]) + len(batch["bad"]))
+                if current.complete:
+                    yield (current.part, *current.frames(ids, paths))
+                    current = next(pending, None)
+    finally:
+        if threads is not None:
+            threads.restore()
+
+
+def score_rows(
+    rows: pd.DataFrame,
+    scorers: dict[str, RewardModel],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: Any = None,
+    cpu_threads: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score ``rows`` (image_id, prompt, path) with every scorer; returns (scores, errors)."""
-    loader = torch.utils.data.DataLoader(_ImageRows(rows, scorers), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
-    results = {name: torch.full((len(rows),), float("nan"), dtype=torch.float64) for name in scorers}
-    ok = torch.zeros(len(rows), dtype=torch.bool)
-    errors = []
-    with torch.inference_mode():
-        for batch in loader:
-            errors += [(rows.image_id.iloc[i], rows.path.iloc[i], reason) for i, reason in batch["bad"]]
-            if batch["i"]:
-                index = torch.tensor(batch["i"])
-                for name, scorer in scorers.items():
-                    dtype = next(scorer.parameters()).dtype
-                    values = scorer.score(to_device(batch["pixels"][name], device, dtype), to_device(batch["text"][name], device))
-                    results[name][index] = values.detach().double().cpu()
-                ok[index] = True
-            if progress is not None:
-                progress.update(len(batch["i"]) + len(batch["bad"]))
-    keep = ok.numpy()
-    scores = pd.DataFrame({"image_id": rows.image_id.to_numpy()[keep], **{name: v.numpy()[keep] for name, v in results.items()}})
-    return scores, pd.DataFrame(errors, columns=ERROR_COLUMNS)
+    parts = iter_scored_parts(rows, scorers, [(0, 0, len(rows))], batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, cpu_threads=cpu_threads)
+    [(_, scores, errors)] = list(parts)
+    return scores, errors
 
 
 def load_scorers(cfg: ScoreConfig, device: torch.device) -> dict[str, RewardModel]:
@@ -213,11 +430,13 @@ def run_scoring(cfg: ScoreConfig) -> ScoringSummary:
         device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
         scorers = load_scorers(cfg, device)
         start = time.perf_counter()  # throughput excludes model loading
-        total = sum(len(rows.iloc[k * cfg.rows_per_part : (k + 1) * cfg.rows_per_part]) for k in todo)
+        total = sum(min((k + 1) * cfg.rows_per_part, len(rows)) - k * cfg.rows_per_part for k in todo)
         with tqdm(total=total, unit="img", desc=f"score [{state.process_index}/{state.num_processes}]", position=state.process_index) as bar:
-            for k in todo:
-                part_rows = rows.iloc[k * cfg.rows_per_part : (k + 1) * cfg.rows_per_part].reset_index(drop=True)
-                scores, errors = score_rows(part_rows, scorers, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=bar)
+            parts = [(k, k * cfg.rows_per_part, min((k + 1) * cfg.rows_per_part, len(rows))) for k in todo]
+            scored = iter_scored_parts(
+                rows, scorers, parts, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=bar, cpu_threads=cfg.cpu_threads
+            )
+            for k, scores, errors in scored:
                 # errors first: a scores part is the "finished" marker
                 atomic_write_parquet(errors, _part_file(output_dir, "errors", k))
                 atomic_write_parquet(scores, _part_file(output_dir, "scores", k))

@@ -141,6 +141,18 @@ def test_preprocess_normalises_a_known_pixel_with_the_clip_mean_and_std(clip):
 # --------------------------------------------------------------------------- tokenisation
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L"])
+def test_preprocess_is_bit_identical_to_torchvisions_compose(clip, mode):
+    from torchvision import transforms as T
+
+    reference = T.Compose(
+        [T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
+    )
+    for i, size in enumerate([(64, 64), (97, 255), (301, 180), (512, 512), (224, 224)]):
+        image = random_image(*size, mode=mode, seed=i)
+        assert torch.equal(clip.preprocess_image(image), reference(image))
+
+
 def test_tokenize_adds_sot_eot_and_zero_pads_to_77(clip):
     ids = clip.tokenize(["a photo of a cat", "A  photo\nof a CAT &amp;amp; "])
     assert ids.shape == (2, 77) and ids.dtype == torch.long

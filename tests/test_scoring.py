@@ -129,3 +129,147 @@ def test_two_processes_score_every_image_once(tiny_scorers, sid_table, tmp_path)
     ids = pd.concat(parts).image_id
     assert ids.is_unique and sorted(ids) == sorted(f"sid{i}" for i in range(8))
     assert "score [1/2]" in result.stderr
+
+
+# --------------------------------------------------------------------------- shared CPU-side work
+
+
+@pytest.fixture(scope="module")
+def six_scorers(tmp_path_factory):
+    import torch
+
+    from reward.scoring import load_scorers
+    from reward.tiny import make_tiny_rewards
+
+    settings = make_tiny_rewards(tmp_path_factory.mktemp("six"))
+    return load_scorers(ScoreConfig(**settings), torch.device("cpu"))
+
+
+def _no_sharing(monkeypatch):
+    """Every scorer computes its own preprocessing and tokens, as before keys existed."""
+    from reward.clip_scorers import AestheticReward, CLIPScoreReward
+    from reward.hpsv2 import HPSv2Reward
+    from reward.imagereward import ImageRewardModel
+
+    for cls in (CLIPScoreReward, AestheticReward, HPSv2Reward, ImageRewardModel):
+        monkeypatch.setattr(cls, "preprocess_key", property(lambda self: None))
+        monkeypatch.setattr(cls, "tokenize_key", property(lambda self: None))
+
+
+def _count_calls(monkeypatch, cls, method, calls):
+    original = getattr(cls, method)
+
+    def counted(self, arg):
+        calls[f"{cls.__name__}.{method}"] += len(arg) if method == "tokenize" else 1
+        return original(self, arg)
+
+    monkeypatch.setattr(cls, method, counted)
+
+
+def test_identical_preprocessing_and_tokenisation_form_one_group(six_scorers):
+    from reward.scoring import plan_inputs
+
+    plan = plan_inputs(six_scorers)
+    clip224 = "openai-clip-224"
+    assert plan.pixel_keys == {
+        "social_reward": clip224, "clip": clip224, "aesthetic": clip224, "imagereward": clip224,
+        "hpsv2": "hpsv2-224", "pickscore": "metric:pickscore",
+    }
+    assert plan.text_keys == {
+        "social_reward": "open_clip-77", "clip": "open_clip-77", "hpsv2": "open_clip-77",
+        "aesthetic": "empty", "imagereward": "metric:imagereward", "pickscore": "metric:pickscore",
+    }
+    assert len(plan.pixel_makers) == 3 and len(plan.text_makers) == 4
+
+
+def test_shared_tokens_equal_each_scorers_own_and_repeats_are_tokenised_once(six_scorers):
+    import torch
+
+    from reward.scoring import plan_inputs
+
+    plan = plan_inputs(six_scorers)
+    prompts = ["a cat", "a red car at night", "a cat", "a cat"]
+    shared = plan.tokenize(prompts)
+    for name, scorer in six_scorers.items():
+        own, got = scorer.tokenize(prompts), shared[plan.text_keys[name]]
+        if isinstance(own, dict):
+            assert own.keys() == got.keys() and all(torch.equal(own[k], got[k]) for k in own)
+        else:
+            assert torch.equal(own, got)
+
+
+def test_each_shared_preprocessing_runs_once_per_image_and_scores_are_unchanged(six_scorers, sid_table, monkeypatch):
+    from collections import Counter
+
+    import torch
+
+    from reward.clip_scorers import AestheticReward, CLIPScoreReward
+    from reward.hpsv2 import HPSv2Reward
+    from reward.imagereward import ImageRewardModel
+    from reward.scoring import score_rows
+
+    rows = read_image_table(ScoreConfig(image_table=str(sid_table)))
+    calls = Counter()
+    for cls in (CLIPScoreReward, AestheticReward, HPSv2Reward, ImageRewardModel):
+        _count_calls(monkeypatch, cls, "preprocess_image", calls)
+        _count_calls(monkeypatch, cls, "tokenize", calls)
+    threads = torch.get_num_threads()
+    run = dict(batch_size=3, num_workers=0, device=torch.device("cpu"))
+    shared, errors = score_rows(rows, six_scorers, **run)
+    assert torch.get_num_threads() == threads
+    assert len(shared) == 8 and len(errors) == 4
+    # social_reward, clip, aesthetic and imagereward: one OpenAI transform per readable image;
+    # social_reward, clip and hpsv2: one open_clip tokenisation per prompt
+    assert calls == {"CLIPScoreReward.preprocess_image": 8, "HPSv2Reward.preprocess_image": 8, "CLIPScoreReward.tokenize": 8, "AestheticReward.tokenize": 8, "ImageRewardModel.tokenize": 8}
+    calls.clear()
+    _no_sharing(monkeypatch)
+    separate, _ = score_rows(rows, six_scorers, **run)
+    assert calls["CLIPScoreReward.preprocess_image"] == 2 * 8 and calls["AestheticReward.preprocess_image"] == 8
+    assert calls["ImageRewardModel.preprocess_image"] == 8 and calls["HPSv2Reward.tokenize"] == 8
+    pd.testing.assert_frame_equal(shared, separate)
+
+
+def test_scores_do_not_depend_on_batch_size_workers_or_part_boundaries(six_scorers, sid_table):
+    import torch
+
+    from reward.scoring import iter_scored_parts, score_rows
+
+    rows = read_image_table(ScoreConfig(image_table=str(sid_table)))
+    one, _ = score_rows(rows, six_scorers, batch_size=1, num_workers=0, device=torch.device("cpu"))
+    parts = list(iter_scored_parts(rows, six_scorers, [(3, 0, 5), (7, 5, 12)], batch_size=4, num_workers=2, device=torch.device("cpu")))
+    assert [p for p, _, _ in parts] == [3, 7]
+    assert sorted(parts[0][2].image_id) == [] and sorted(parts[1][2].image_id) == ["empty", "missing", "text", "truncated"]
+    streamed = pd.concat([scores for _, scores, _ in parts], ignore_index=True)
+    pd.testing.assert_frame_equal(streamed, one, atol=1e-5, rtol=0)
+
+
+def test_forward_threads_follow_the_workers_measured_load(monkeypatch):
+    import torch
+
+    from reward import scoring
+
+    monkeypatch.setattr(scoring, "_available_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        large = scoring.ForwardThreads(num_workers=2)
+        assert large.threads == 1  # the workers' CPU, until measured
+        large.batch_arrived(0.1)
+        large.forward_done(6.0)  # one long forward, workers nearly idle: every CPU to the forward
+        assert large.threads == 2 and torch.get_num_threads() == 2
+        large.restore()
+        tiny = scoring.ForwardThreads(num_workers=2)
+        for _ in range(4):  # preprocessing costs about as much as the forward: stay at 1
+            tiny.batch_arrived(0.2)
+            tiny.forward_done(0.3)
+        assert tiny.threads == 1 and torch.get_num_threads() == 1
+        tiny.restore()
+        assert torch.get_num_threads() == 2
+        fixed = scoring.ForwardThreads(num_workers=2, fixed=2)
+        fixed.batch_arrived(5.0)
+        fixed.forward_done(6.0)
+        assert fixed.threads == 2
+        fixed.restore()
+        assert scoring.ForwardThreads(num_workers=0).threads == 2
+    finally:
+        torch.set_num_threads(before)
