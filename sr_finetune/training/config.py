@@ -65,7 +65,7 @@ class FinetuneConfig:
     text_encoder_lr: float = 1e-5
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw (fused on CUDA) | adamw8bit (bitsandbytes)
+    optimizer: str = "adamw"  # adamw (fused on CUDA and CPU) | adamw8bit (bitsandbytes)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8

@@ -116,7 +116,11 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class FinetuneDataset(torch.utils.data.Dataset):
-    """Rows of the fine-tune set as training examples, from cached latents/embeddings where present."""
+    """Rows of the fine-tune set as training examples, from cached latents/embeddings where present.
+
+    The DataLoader fetches a whole batch with one ``__getitems__`` call: one table read and one
+    tokenizer call per batch instead of one per row.
+    """
 
     def __init__(self, table, tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int):
         self.table = table
@@ -130,22 +134,34 @@ class FinetuneDataset(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
-        row = self.table[index]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index))
-        flip = self.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
-        item = {"prompt_id": str(row["prompt_id"]), "role": row["role"]}
-        if "latent_mean" in row:
-            suffix = "_flipped" if flip else ""
-            item["latent_mean"] = row[f"latent_mean{suffix}"]
-            item["latent_logvar"] = row[f"latent_logvar{suffix}"]
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """The examples of ``(epoch, row)`` keys, in order."""
+        rows = self.table[[index for _, index in keys]]
+        generators = [torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)) for epoch, index in keys]
+        flips = [self.random_flip and bool(torch.rand(1, generator=g) < 0.5) for g in generators]
+        columns = {}
+        if "latent_mean" in rows:
+            columns["latent_mean"] = _pick_flipped(rows, "latent_mean", flips)
+            columns["latent_logvar"] = _pick_flipped(rows, "latent_logvar", flips)
         else:
-            item["pixel_values"] = preprocess_image(row["image"], self.resolution, self.center_crop, flip, generator)
-        if "prompt_embeds" in row:
-            item["prompt_embeds"] = row["prompt_embeds"]
+            columns["pixel_values"] = [
+                preprocess_image(image, self.resolution, self.center_crop, flip, g) for image, flip, g in zip(rows["image"], flips, generators)
+            ]
+        if "prompt_embeds" in rows:
+            columns["prompt_embeds"] = rows["prompt_embeds"]
         else:
-            item["input_ids"] = tokenize(self.tokenizer, [row["text"]])[0]
-        return item
+            columns["input_ids"] = tokenize(self.tokenizer, list(rows["text"]))
+        columns["prompt_id"] = [str(p) for p in rows["prompt_id"]]
+        columns["role"] = rows["role"]
+        return [{name: values[i] for name, values in columns.items()} for i in range(len(keys))]
+
+
+def _pick_flipped(rows: dict, name: str, flips: list[bool]) -> list[torch.Tensor]:
+    """Per row, the cached latent of the image or of its mirror image."""
+    plain, mirrored = rows[name], rows.get(f"{name}_flipped")
+    return [mirrored[i] if flip else plain[i] for i, flip in enumerate(flips)]
 
 
 def collate(items: list[dict]) -> dict:

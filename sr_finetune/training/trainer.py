@@ -5,7 +5,7 @@ Supported:
   UNet attention projections (merged into the saved UNet); the VAE is always frozen;
 - epsilon and v_prediction models (read from the model's scheduler), min-SNR-gamma weighting,
   noise offset, EMA of the trained weights, gradient accumulation and clipping, AdamW (fused on
-  CUDA) or 8-bit AdamW (bitsandbytes), fp16 / bf16 mixed precision, gradient checkpointing,
+  CUDA and CPU) or 8-bit AdamW (bitsandbytes), fp16 / bf16 mixed precision, gradient checkpointing,
   SDPA / xformers / eager attention;
 - caches of the latent distribution (mean, logvar; a fresh latent is sampled every step) and,
   when the text encoder is frozen, of the text embeddings, computed once per row;
@@ -141,7 +141,13 @@ def build_optimizer(cfg: FinetuneConfig, param_groups: list[dict], device: torch
         except ImportError:
             raise MissingDependencyError("optimizer 'adamw8bit' was asked for but bitsandbytes is not installed: pip install 'sr-finetune[bnb]'") from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, fused=True if device.type == "cuda" else None, **kwargs)
+    return torch.optim.AdamW(param_groups, fused=True if fused_adamw_available(device) else None, **kwargs)
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether AdamW has a fused kernel here (one kernel for all parameters): CUDA, and CPU since torch 2.4."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
 def _tracker_config(cfg: FinetuneConfig) -> dict:
@@ -308,6 +314,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        persistent_workers=cfg.dataloader_num_workers > 0,  # workers start once, not at every epoch
+        pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds do not draw from the global RNG
     )
     loader = accelerator.prepare(loader)
@@ -395,8 +403,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
                 ema.step(params)
             last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
             lrs_now = lr_scheduler.get_last_lr()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}")
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}", refresh=False)
+            bar.update(1)  # redraws at most every tqdm mininterval
             accelerator.log({"loss": last_loss, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}}, step=progress.global_step)
             if cfg.checkpointing_steps and progress.global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
