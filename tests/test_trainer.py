@@ -332,3 +332,39 @@ def test_resume_with_another_batch_size_is_refused(tiny_sd, finetune_set, tmp_pa
     reset_accelerate_state()
     with pytest.raises(UserError, match="checkpoint was written with 10 rows, batch 2 x 1 processes, accumulation 1, this run has 10 rows, batch 3"):
         run_finetune(tiny_cfg(tiny_sd, finetune_set, out, max_train_steps=2, train_batch_size=3, resume_from_checkpoint="latest"))
+
+
+def test_batched_fetch_reads_cached_arrays_exactly_as_datasets_does(tmp_path):
+    import pickle
+
+    from datasets import Array2D, Array3D, Dataset, Features, Value, concatenate_datasets
+
+    from sr_finetune.training.data import FinetuneDataset, derive_seed
+
+    rng = np.random.default_rng(0)
+    latents = ("latent_mean", "latent_logvar", "latent_mean_flipped", "latent_logvar_flipped")
+    arrays = {**{n: Array3D(shape=(4, 2, 2), dtype="float32") for n in latents}, "prompt_embeds": Array2D(shape=(3, 2), dtype="float32")}
+    features = Features({"text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), **arrays})
+    parts = []
+    for part in range(3):  # three memory-mapped files: several arrow chunks
+        rows = {"text": [f"t{part}{i}" for i in range(5)], "role": ["chosen"] * 5, "prompt_id": [f"p{part}{i}" for i in range(5)]}
+        rows.update({n: rng.normal(size=(5, *f.shape)).astype("float32") for n, f in arrays.items()})
+        Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / f"part{part}"))
+        parts.append(Dataset.load_from_disk(str(tmp_path / f"part{part}")))
+    table = concatenate_datasets(parts)
+    table.set_format("torch", columns=list(arrays), output_all_columns=True)
+    dataset = FinetuneDataset(table, tokenizer=None, resolution=4, center_crop=True, random_flip=True, seed=0)
+    assert sorted(dataset.arrays.names) == sorted(arrays)  # read from arrow directly, not through datasets' formatter
+
+    keys = [(1, i) for i in (14, 0, 7, 5, 9, 3, 12, 1)]
+    items = pickle.loads(pickle.dumps(dataset)).__getitems__(keys)  # as a DataLoader worker sees it
+    flips = []
+    for (epoch, index), item in zip(keys, items):
+        flip = bool(torch.rand(1, generator=torch.Generator().manual_seed(derive_seed(0, "augment", epoch, index))) < 0.5)
+        suffix = "_flipped" if flip else ""
+        row = table[index]
+        assert torch.equal(item["latent_mean"], row[f"latent_mean{suffix}"]) and torch.equal(item["latent_logvar"], row[f"latent_logvar{suffix}"])
+        assert torch.equal(item["prompt_embeds"], row["prompt_embeds"])
+        assert item["prompt_id"] == row["prompt_id"] and item["role"] == "chosen"
+        flips.append(flip)
+    assert any(flips) and not all(flips)

@@ -119,11 +119,13 @@ class FinetuneDataset(torch.utils.data.Dataset):
     """Rows of the fine-tune set as training examples, from cached latents/embeddings where present.
 
     The DataLoader fetches a whole batch with one ``__getitems__`` call: one table read and one
-    tokenizer call per batch instead of one per row.
+    tokenizer call per batch instead of one per row, and cached arrays straight from arrow.
     """
 
     def __init__(self, table, tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int):
         self.table = table
+        self.arrays = FixedShapeColumns(table)
+        self.rest = table.remove_columns(self.arrays.names) if self.arrays.names else table
         self.tokenizer = tokenizer
         self.resolution = resolution
         self.center_crop = center_crop
@@ -138,7 +140,9 @@ class FinetuneDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
         """The examples of ``(epoch, row)`` keys, in order."""
-        rows = self.table[[index for _, index in keys]]
+        indices = [index for _, index in keys]
+        rows = self.rest[indices]
+        rows.update({name: self.arrays.take(name, indices) for name in self.arrays.names})
         generators = [torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)) for epoch, index in keys]
         flips = [self.random_flip and bool(torch.rand(1, generator=g) < 0.5) for g in generators]
         columns = {}
@@ -156,6 +160,64 @@ class FinetuneDataset(torch.utils.data.Dataset):
         columns["prompt_id"] = [str(p) for p in rows["prompt_id"]]
         columns["role"] = rows["role"]
         return [{name: values[i] for name, values in columns.items()} for i in range(len(keys))]
+
+
+class FixedShapeColumns:
+    """Zero-copy batch reads of a dataset's fixed-shape array columns (the latent and text caches).
+
+    ``datasets`` converts such columns row by row in Python (milliseconds per batch); a numpy view
+    of each (memory-mapped) arrow chunk gathers a batch in microseconds. The views are rebuilt
+    lazily after pickling, so DataLoader workers receive only the dataset.
+    """
+
+    def __init__(self, table):
+        from datasets import Array2D, Array3D, Array4D, Array5D
+
+        self.table = table
+        self._chunks: dict | None = None
+        fixed = (Array2D, Array3D, Array4D, Array5D)
+        candidates = [name for name, feature in table.features.items() if isinstance(feature, fixed) and None not in feature.shape]
+        if table._indices is not None:  # rows reordered by an indices mapping: leave them to datasets
+            candidates = []
+        self.names = [name for name in candidates if self._views(name) is not None]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_chunks": None}
+
+    def _views(self, name: str) -> tuple[list, list[int]] | None:
+        """Per arrow chunk a numpy view of shape [rows, *shape], and each chunk's first row (None: not zero-copy)."""
+        import pyarrow as pa
+
+        if self._chunks is None:
+            self._chunks = {}
+        if name not in self._chunks:
+            shape = tuple(self.table.features[name].shape)
+            views, starts, start = [], [], 0
+            try:
+                for chunk in self.table.data.column(name).chunks:
+                    values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+                    if values.null_count:
+                        return None
+                    for _ in shape:
+                        values = values.flatten()
+                    view = values.to_numpy(zero_copy_only=True).reshape(-1, *shape)
+                    if len(view) != len(chunk):
+                        return None
+                    views.append(view)
+                    starts.append(start)
+                    start += len(chunk)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                return None
+            self._chunks[name] = (views, starts)
+        return self._chunks[name]
+
+    def take(self, name: str, indices: list[int]) -> torch.Tensor:
+        """Rows ``indices`` of column ``name`` as one tensor [len(indices), *shape] (a copy)."""
+        import numpy as np
+
+        views, starts = self._views(name)
+        chunks = np.searchsorted(starts, indices, side="right") - 1
+        return torch.from_numpy(np.stack([views[c][i - starts[c]] for c, i in zip(chunks, indices)]))
 
 
 def _pick_flipped(rows: dict, name: str, flips: list[bool]) -> list[torch.Tensor]:
