@@ -281,7 +281,7 @@ def real_size_weights(cache: Path) -> dict:
 
 def real_images_table(images_dir: Path, count: int, table: Path) -> Path:
     """The first ``count`` 512 px generated images of ``images_dir/sid_lsg`` with their prompts."""
-    folder = images_dir / "sid_lsg"
+    folder = (images_dir / "sid_lsg").resolve()  # the table lives elsewhere: absolute paths
     manifest = pd.read_csv(folder / "manifest.csv")
     manifest = manifest[(manifest.width == 512) & (manifest.height == 512)].head(count)
     if len(manifest) < count:
@@ -298,6 +298,8 @@ def bench_real_size(args: argparse.Namespace, work: Path) -> None:
     start = time.perf_counter()
     summary = run_scoring(cfg)
     total = time.perf_counter() - start
+    if summary.scored != args.real_images:
+        raise SystemExit(f"real-size: only {summary.scored} of {args.real_images} images scored (see {cfg.output_dir}/errors.parquet); no figure")
     loading = total - summary.seconds
     print(f"real-size: metrics {','.join(cfg.metrics)}; {summary.scored} real 512 px images; batch_size {cfg.batch_size}, num_workers {cfg.num_workers}, fp32, {len(os.sched_getaffinity(0))} CPUs, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print(f"real-size seconds: {total:.1f} s for all six metrics in one run (model loading {loading:.1f} s, scoring {summary.seconds:.1f} s)")

@@ -71,6 +71,23 @@ def to_device(inputs: Any, device: torch.device, dtype: torch.dtype | None = Non
     return inputs.to(device)
 
 
+def encode_distinct_rows(encode: Callable[[Any], torch.Tensor], tokens: Any) -> torch.Tensor:
+    """``encode(tokens)`` with each distinct token row encoded once and the result expanded back
+    to one row per input row. A scoring batch holds several images per prompt, so text towers
+    that never see the image need only run once per prompt. ``tokens``: a tensor [N, L] or a
+    dict of such tensors (a row is distinct when it differs in any of them)."""
+    columns = list(tokens.values()) if isinstance(tokens, dict) else [tokens]
+    rows = len(columns[0])
+    key = torch.cat([c.reshape(rows, -1).long() for c in columns], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == rows:
+        return encode(tokens)
+    order = torch.arange(rows, device=inverse.device)
+    first = torch.full((len(distinct),), rows, device=inverse.device).scatter_reduce_(0, inverse, order, reduce="amin")
+    subset = {k: v[first] for k, v in tokens.items()} if isinstance(tokens, dict) else tokens[first]
+    return encode(subset)[inverse]
+
+
 _REGISTRY: dict[str, Callable[..., RewardModel]] = {}
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device
 
-from .base import RewardModel, register_reward
+from .base import RewardModel, encode_distinct_rows, register_reward
 from .openai_clip import OpenAICLIPBackbone, download_openai_vit_l_14, load_openai_clip_backbone, resolve_weights_file
 from .preprocess import open_clip_tokens_key, openai_clip_key, openai_clip_transform
 
@@ -87,7 +87,7 @@ class CLIPScoreReward(RewardModel):
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor) -> torch.Tensor:
         image = self.backbone.encode_image(pixel_values)
-        text = self.backbone.encode_text(text_inputs)
+        text = encode_distinct_rows(self.backbone.encode_text, text_inputs)
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return torch.bmm(text[:, None, :], image[:, :, None]).reshape(-1).float()

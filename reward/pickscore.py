@@ -40,7 +40,7 @@ from sr_finetune.clip_vocab import VOCAB_SIZE, write_clip_tokenizer
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
-from .base import RewardModel, register_reward
+from .base import RewardModel, encode_distinct_rows, register_reward
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -93,11 +93,14 @@ class PickScoreReward(RewardModel):
         model = self.model
         pixel_values = pixel_values.to(model.visual_projection.weight.dtype)
         image_embeds = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
-        text_out = model.text_model(input_ids=text_inputs["input_ids"], attention_mask=text_inputs.get("attention_mask"))
-        text_embeds = model.text_projection(text_out.pooler_output)
+        text_embeds = encode_distinct_rows(self._text_embeds, text_inputs)
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
         return image_embeds, text_embeds
+
+    def _text_embeds(self, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        text_out = self.model.text_model(input_ids=text_inputs["input_ids"], attention_mask=text_inputs.get("attention_mask"))
+        return self.model.text_projection(text_out.pooler_output)
 
     def score(self, pixel_values: torch.Tensor, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         image_embeds, text_embeds = self.encode(pixel_values, text_inputs)

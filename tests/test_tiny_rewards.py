@@ -45,3 +45,29 @@ def test_cli_writes_the_same_files(tmp_path, tiny_rewards):
     assert main(["tiny-rewards", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "aesthetic.pth").read_bytes() == (out / "aesthetic.pth").read_bytes()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(p.name for p in out.iterdir())
+
+
+TEXT_ENCODERS = {"social_reward": ("backbone", "encode_text"), "clip": ("backbone", "encode_text"), "hpsv2": ("model", "encode_text"), "pickscore": (None, "_text_embeds")}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
+def test_repeated_prompts_are_encoded_once_and_score_as_alone(tiny_rewards, name, monkeypatch):
+    _, settings = tiny_rewards
+    model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {})).eval()
+    prompts = ["a red square", "a blue circle", "a red square", "a red square", "a green star"]
+    images = [Image.new("RGB", (40 + 3 * i, 30), (40 * i, 200 - 30 * i, 90)) for i in range(len(prompts))]
+    pixels = torch.stack([model.preprocess_image(im) for im in images])
+    owner_name, method = TEXT_ENCODERS[name]
+    owner = getattr(model, owner_name) if owner_name else model
+    encode, rows_encoded = getattr(owner, method), []
+
+    def counting(tokens, *args, **kwargs):
+        rows_encoded.append(len(tokens["input_ids"] if isinstance(tokens, dict) else tokens))
+        return encode(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, counting)
+    with torch.no_grad():
+        batched = model.score(pixels, model.tokenize(prompts))
+        alone = torch.cat([model.score(pixels[i : i + 1], model.tokenize([p])) for i, p in enumerate(prompts)])
+    assert rows_encoded[0] == 3  # three distinct prompts in the batch of five
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
