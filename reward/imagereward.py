@@ -45,7 +45,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_dtype
 
 from .base import RewardModel, register_reward
-from .loading import build_on_meta, ensure_materialized, read_checkpoint_mapped
+from .loading import build_on_meta, ensure_materialized
 from .blip import (
     BLIP_VIT_BASE,
     BLIP_VIT_LARGE,
@@ -239,9 +239,9 @@ def resolve_imagereward_files(weights: str | os.PathLike | None, med_config: str
 
 def load_imagereward_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The plain state dict in ``ImageReward.pt`` (a ``{'state_dict'|'model': ...}`` wrapper is
-    also accepted). The file is memory-mapped: fp32 tensors are used in place, not copied."""
+    also accepted)."""
     try:
-        checkpoint = read_checkpoint_mapped(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"cannot read imagereward checkpoint {path}: {str(exc).splitlines()[0]}") from None
     if isinstance(checkpoint, dict) and len(checkpoint) == 1 and next(iter(checkpoint)) in ("state_dict", "model"):

@@ -37,7 +37,7 @@ import torch
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
-from .loading import build_on_meta, ensure_materialized, read_checkpoint_mapped, restore_causal_mask
+from .loading import build_on_meta, ensure_materialized, restore_causal_mask
 
 # Keys of OpenAI's TorchScript archives that are not weights of the model.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -104,7 +104,7 @@ def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
     else:
         try:
-            state = read_checkpoint_mapped(path)  # fp32 tensors are used in place, not copied
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"{path} is not a CLIP checkpoint torch.load can read safely: {str(exc).splitlines()[0]}") from None
     return _unwrap_state_dict(state, path)
