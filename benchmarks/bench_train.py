@@ -18,7 +18,7 @@ Targets: UNet-only >= 1.5x the steps/s of diffusers' examples/text_to_image/trai
 (``--reference PATH`` runs it from a diffusers checkout on the same model and data, same two
 lengths) and an overhead share under 15%.
 
-    python benchmarks/bench_train.py [--steps 20 120] [--repeats 2] [--workers 0] [--reference ~/src/diffusers]
+    python benchmarks/bench_train.py [--steps 20 120] [--repeats 2] [--workers 0] [--reference ~/src/diffusers] [--dynamo-backend inductor]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ BATCH = 8
 WARMUP_STEPS = 5  # steps left out of the overhead window
 TEXT_ENCODER = {"text_hidden_size": 64, "text_layers": 4, "text_heads": 4, "text_intermediate_size": 256}
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+OUR_ENV: dict[str, str] = {}  # added to our runs' environment only (--dynamo-backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +187,9 @@ def child_model_step(spec: dict, result_path: Path, steps: int = 40) -> None:
 # parent: launching and timing runs
 
 
-def run_timed(cmd: list[str], log: Path, result: Path | None = None) -> tuple[float, float, dict]:
+def run_timed(cmd: list[str], log: Path, result: Path | None = None, extra_env: dict | None = None) -> tuple[float, float, dict]:
     """Run ``cmd`` to completion: (launch wall time, seconds to exit, the child's JSON result)."""
-    env = dict(os.environ, **OFFLINE_ENV)
+    env = dict(os.environ, **OFFLINE_ENV, **(extra_env or {}))
     launched = time.time()
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -209,7 +210,7 @@ def our_spec(model: Path, pairs: Path, out: Path, steps: int, train_text_encoder
 def run_ours(root: Path, tag: str, spec: dict, mode: str = "train") -> tuple[float, float, dict]:
     result = root / f"{tag}.json"
     cmd = [sys.executable, __file__, "--child", mode, "--spec", json.dumps(spec), "--result", str(result)]
-    return run_timed(cmd, root / f"{tag}.log", result)
+    return run_timed(cmd, root / f"{tag}.log", result, extra_env=OUR_ENV)
 
 
 def run_reference(root: Path, tag: str, script: Path, model: Path, images: Path, steps: int, workers: int) -> tuple[float, float, dict]:
@@ -283,6 +284,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="dataloader_num_workers (both trainers)")
     parser.add_argument("--prompts", type=int, default=96, help="chosen/rejected pairs in the data (plus 64 regularisation rows)")
     parser.add_argument("--reference", help="a diffusers checkout: also time its examples/text_to_image/train_text_to_image.py")
+    parser.add_argument("--dynamo-backend", help="our runs only: compile the trained models through accelerate (as 'accelerate launch --dynamo_backend'), e.g. inductor")
     parser.add_argument("--child", choices=("train", "model-step"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -292,6 +294,8 @@ def main() -> None:
     if not 0 < args.steps[0] < args.steps[1] or args.steps[0] <= WARMUP_STEPS:
         sys.exit(f"bench_train: --steps needs {WARMUP_STEPS} < N1 < N2")
 
+    if args.dynamo_backend:
+        OUR_ENV["ACCELERATE_DYNAMO_BACKEND"] = args.dynamo_backend.upper()
     from datasets import disable_progress_bars
     from transformers.utils.logging import disable_progress_bar
 
@@ -306,6 +310,8 @@ def main() -> None:
         run_ours(root, "warmup", our_spec(model, pairs, root / "warmup", 1, False, args.workers))  # file caches, so the first timed run is not colder
         print(f"tiny model, {2 * args.prompts + 64} rows, {RESOLUTION} px, batch {BATCH}, CPU ({os.cpu_count()} cores), dataloader_num_workers {args.workers}")
         print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes on the CPU slow every figure)")
+        if args.dynamo_backend:
+            print(f"our runs compile the trained models with accelerate's dynamo backend '{args.dynamo_backend}' (the bare model step does not)")
         unet = measure_ours(root, args, model, pairs, train_text_encoder=False)
         report("UNet only", args.steps, unet)
         report("UNet + text encoder", args.steps, measure_ours(root, args, model, pairs, train_text_encoder=True))

@@ -368,3 +368,28 @@ def test_batched_fetch_reads_cached_arrays_exactly_as_datasets_does(tmp_path):
         assert item["prompt_id"] == row["prompt_id"] and item["role"] == "chosen"
         flips.append(flip)
     assert any(flips) and not all(flips)
+
+
+def test_compiled_models_under_accelerate_dynamo_train_checkpoint_resume_and_save(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    # 'accelerate launch --dynamo_backend X' sets this; the eager backend runs dynamo's graphs without codegen
+    common = dict(checkpointing_steps=1, use_ema=True, ema_decay=0.5, validation_prompts=["a cat"], validation_steps=2, validation_inference_steps=1)
+    plain = tmp_path / "plain"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, plain, max_train_steps=3, **common))
+    reset_accelerate_state()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    compiled_models, real_compile = [], torch.compile
+
+    def counting_compile(model, **kwargs):
+        compiled_models.append(type(model).__name__)
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    compiled = tmp_path / "compiled"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, compiled, max_train_steps=2, **common))
+    reset_accelerate_state()
+    resumed = run_finetune(tiny_cfg(tiny_sd, finetune_set, compiled, max_train_steps=3, resume_from_checkpoint="latest", **common))
+    assert resumed.steps_run == 1 and compiled_models == ["UNet2DConditionModel", "CLIPTextModel"] * 2
+    checkpoint = load_file(compiled / "checkpoint-3" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in checkpoint)  # the checkpoint names the model's own weights
+    torch.testing.assert_close(unet_weights(compiled), unet_weights(plain), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text_encoder_weights(compiled), text_encoder_weights(plain), rtol=1e-5, atol=1e-6)
