@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -41,7 +42,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
 from .base import RewardModel, encode_distinct_rows, register_reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, apply_lookup, lookup_tables, resize_shortest_edge
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -80,7 +81,15 @@ class PickScoreReward(RewardModel):
         self.scale = scale
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        if self.fast_path is not None and image.mode == "RGB":
+            return self.fast_path(image)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    @property
+    def fast_path(self) -> "CLIPProcessorFastPath | None":
+        if not hasattr(self, "_fast_path"):
+            self._fast_path = CLIPProcessorFastPath.of(self.image_processor)
+        return self._fast_path
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
@@ -107,6 +116,50 @@ class PickScoreReward(RewardModel):
         # diag(e_t @ e_i.T) of the reference, row by row
         cosine = (text_embeds * image_embeds).sum(dim=-1)
         return (self.model.logit_scale.exp() * cosine * SCALES[self.scale]).float()
+
+
+class CLIPProcessorFastPath:
+    """The PIL ``CLIPImageProcessor``'s output for an RGB image, bit for bit, in about a third of
+    its time: the same PIL bicubic resize of the shortest edge (shared with OpenAI CLIP's
+    transform through :func:`resize_shortest_edge`), the same floor-offset centre crop, and the
+    processor's own rescale and normalise run once on the 256 levels as lookup tables."""
+
+    def __init__(self, shortest_edge: int, crop: tuple[int, int], resample: int, tables: np.ndarray):
+        self.shortest_edge, self.crop, self.resample, self.tables = shortest_edge, crop, resample, tables
+
+    @classmethod
+    def of(cls, processor: Any) -> "CLIPProcessorFastPath | None":
+        """The fast path of ``processor``, or None when its settings are not the plain CLIP ones
+        (shortest-edge resize, centre crop no larger, rescale and normalise, no padding)."""
+        size, crop = _size_fields(getattr(processor, "size", None)), _size_fields(getattr(processor, "crop_size", None))
+        shortest = size.get("shortest_edge")
+        plain = (
+            all(getattr(processor, flag, False) for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"))
+            and not getattr(processor, "do_pad", False)
+            and isinstance(shortest, int) and not size.get("longest_edge")
+            and isinstance(crop.get("height"), int) and isinstance(crop.get("width"), int)
+            and crop["height"] <= shortest and crop["width"] <= shortest
+            and getattr(processor, "resample", None) is not None
+        )
+        if not plain:
+            return None
+        levels = lambda x: processor.normalize(processor.rescale(x, processor.rescale_factor, input_data_format="channels_first"), processor.image_mean, processor.image_std, input_data_format="channels_first")  # noqa: E731
+        return cls(shortest, (crop["height"], crop["width"]), int(processor.resample), lookup_tables(levels))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = resize_shortest_edge(image, self.shortest_edge, self.resample)
+        height, width = self.crop
+        top, left = (resized.height - height) // 2, (resized.width - width) // 2
+        return apply_lookup(resized.crop((left, top, left + width, top + height)), self.tables)
+
+
+def _size_fields(size: Any) -> dict:
+    """A processor's size setting (dict in transformers 4, ``SizeDict`` in 5) as a plain dict."""
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return dict(size)
+    return {k: getattr(size, k) for k in ("height", "width", "shortest_edge", "longest_edge") if hasattr(size, k)}
 
 
 def _transformers_version() -> tuple[int, int]:

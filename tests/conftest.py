@@ -29,3 +29,13 @@ def tiny_sd(tmp_path_factory) -> Path:
     from sr_finetune.tiny_models import make_tiny_sd_pipeline
 
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model", seed=0)
+
+
+def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
+    """Real generated images of ../shared/data/images (PNG, JPEG and WEBP, spread over formats)."""
+    files = sorted(p for p in (shared_data / "images").rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    by_format: dict[str, list[Path]] = {}
+    for path in files:
+        by_format.setdefault(path.suffix.lower(), []).append(path)
+    picked = [path for group in zip(*by_format.values()) for path in group][:limit]  # round robin over formats
+    return picked + [p for p in files if p not in picked][: limit - len(picked)]

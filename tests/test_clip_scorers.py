@@ -20,6 +20,8 @@ from reward.openai_clip import TINY_OPENAI_CLIP, is_torchscript_archive, make_ti
 from reward.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sr_finetune.errors import UserError
 
+from conftest import real_image_files
+
 MEAN = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
 STD = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
 SOT, EOT = 49406, 49407
@@ -151,6 +153,19 @@ def test_preprocess_is_bit_identical_to_torchvisions_compose(clip, mode):
     for i, size in enumerate([(64, 64), (97, 255), (301, 180), (512, 512), (224, 224)]):
         image = random_image(*size, mode=mode, seed=i)
         assert torch.equal(clip.preprocess_image(image), reference(image))
+
+
+def test_preprocess_is_bit_identical_to_torchvisions_compose_on_real_images(clip, shared_data):
+    from torchvision import transforms as T
+
+    reference = T.Compose(
+        [T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
+    )
+    files = real_image_files(shared_data)
+    assert {p.suffix.lower() for p in files} >= {".png", ".jpg", ".webp"}
+    for path in files:
+        with Image.open(path) as image:
+            assert torch.equal(clip.preprocess_image(image), reference(image)), path
 
 
 def test_tokenize_adds_sot_eot_and_zero_pads_to_77(clip):

@@ -3,6 +3,7 @@ hand-computed values, on tiny models written in the real checkpoint formats."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,8 @@ from reward.hpsv2 import HPS_FILES, TINY_HPS_CONFIG, VIT_H_14_CONFIG, hps_prepro
 from reward.pickscore import PickScoreReward, load_pickscore, make_tiny_pickscore
 from reward.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sr_finetune.errors import UserError
+
+from conftest import real_image_files
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
 STD = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
@@ -204,6 +207,31 @@ def test_pickscore_pixels_equal_pil_bicubic_shortest_edge_resize_then_floor_crop
 def test_pickscore_converts_to_rgb_before_resizing(pick):
     palette = random_image(400, 300, seed=6).quantize(colors=64)  # PIL resizes "P" images with NEAREST
     assert torch.equal(pick.preprocess_image(palette), pick.preprocess_image(palette.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_pickscore_fast_path_is_bit_identical_to_the_pil_processor(pick, mode):
+    assert pick.fast_path is not None  # the laion processor's settings are the plain CLIP ones
+    for i, size in enumerate([(64, 64), (97, 255), (301, 180), (225, 301), (512, 512), (224, 224), (1000, 223)]):
+        image = random_image(*size, seed=i, mode="RGB")
+        image = image.quantize(colors=64) if mode == "P" else image.convert(mode)
+        expected = pick.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(pick.preprocess_image(image), expected), size
+
+
+def test_pickscore_fast_path_is_bit_identical_to_the_pil_processor_on_real_images(pick, shared_data):
+    for path in real_image_files(shared_data):
+        with Image.open(path) as image:
+            expected = pick.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            assert torch.equal(pick.preprocess_image(image), expected), path
+
+
+def test_pickscore_processor_with_other_settings_has_no_fast_path(pick):
+    from reward.pickscore import CLIPProcessorFastPath
+
+    processor = copy.deepcopy(pick.image_processor)
+    processor.do_center_crop = False
+    assert CLIPProcessorFastPath.of(processor) is None
 
 
 def test_pickscore_image_processor_is_pinned_to_the_pil_implementation(pick):

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -71,3 +72,19 @@ def test_repeated_prompts_are_encoded_once_and_score_as_alone(tiny_rewards, name
         alone = torch.cat([model.score(pixels[i : i + 1], model.tokenize([p])) for i, p in enumerate(prompts)])
     assert rows_encoded[0] == 3  # three distinct prompts in the batch of five
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_openai_clip_and_pickscore_resize_each_rgb_image_once(tiny_rewards, monkeypatch):
+    from reward.scoring import plan_inputs
+
+    _, settings = tiny_rewards
+    scorers = {name: load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {})) for name in ("clip", "pickscore")}
+    plan = plan_inputs(scorers)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (250, 301, 3), dtype=np.uint8))
+    expected = {"clip": scorers["clip"].transform(image.copy()), "pickscore": scorers["pickscore"].image_processor(images=image, return_tensors="pt")["pixel_values"][0]}
+    resized, real_resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *args, **kwargs: resized.append(self.size) or real_resize(self, *args, **kwargs))
+    pixels = plan.preprocess(image)
+    assert resized == [(301, 250)]
+    for name, tensor in expected.items():
+        assert torch.equal(pixels[plan.pixel_keys[name]], tensor), name
