@@ -28,10 +28,9 @@ def build_on_meta(factory: Callable[[], M]) -> M:
 def read_checkpoint_mapped(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` with the file memory-mapped (no read buffer; a
     billion fp16 weights then cast to fp32 take a few seconds less). Copy what you keep: the
-    tensors refer to the file. (Weights used in place from the mapping run slower: file pages
-    are 4 KiB pages, never the transparent huge pages torch's own allocations get, and clean
-    file pages can be dropped and read again under memory pressure.) Files in torch's legacy
-    format are read the ordinary way."""
+    tensors refer to the file (weights used in place from the mapping made the forwards slower
+    at real sizes: 4 KiB file pages, which memory pressure can drop and read again). Files in
+    torch's legacy format are read the ordinary way."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
