@@ -525,5 +525,4 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
     )
     (tmp / "summary.json").write_text(json.dumps({**asdict(summary), "total": sum(summary.counts.values()), "config": asdict(cfg)}, indent=2))
     _replace_dir(tmp, final)
-    logger.info(summary.line())
     return summary
