@@ -2,6 +2,7 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from reward.hpsv2 import make_tiny_hpsv2
@@ -243,33 +244,31 @@ def test_scores_do_not_depend_on_batch_size_workers_or_part_boundaries(six_score
     pd.testing.assert_frame_equal(streamed, one, atol=1e-5, rtol=0)
 
 
-def test_forward_threads_follow_the_workers_measured_load(monkeypatch):
-    import torch
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
 
+    def __getitem__(self, i: int) -> int:
+        return os.nice(0)
+
+
+def test_cpu_workers_yield_the_cpus_to_the_forward_which_keeps_its_threads():
     from reward import scoring
 
-    monkeypatch.setattr(scoring, "_available_cpus", lambda: 2)
+    base = os.nice(0)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=scoring._yield_cpu_to_forward)
+    assert list(loader) == [min(19, base + scoring.WORKER_NICENESS)] * 2
+    assert os.nice(0) == base  # the main process keeps its priority
+
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        large = scoring.ForwardThreads(num_workers=2)
-        assert large.threads == 1  # the workers' CPU, until measured
-        large.batch_arrived(0.1)
-        large.forward_done(6.0)  # one long forward, workers nearly idle: every CPU to the forward
-        assert large.threads == 2 and torch.get_num_threads() == 2
-        large.restore()
-        tiny = scoring.ForwardThreads(num_workers=2)
-        for _ in range(4):  # preprocessing costs about as much as the forward: stay at 1
-            tiny.batch_arrived(0.2)
-            tiny.forward_done(0.3)
-        assert tiny.threads == 1 and torch.get_num_threads() == 1
-        tiny.restore()
-        assert torch.get_num_threads() == 2
-        fixed = scoring.ForwardThreads(num_workers=2, fixed=2)
-        fixed.batch_arrived(5.0)
-        fixed.forward_done(6.0)
-        assert fixed.threads == 2
+        torch.set_num_threads(2)
+        default = scoring.ForwardThreads(num_workers=2)
+        assert default.threads == 2 and torch.get_num_threads() == 2
+        default.restore()
+        fixed = scoring.ForwardThreads(num_workers=2, fixed=1)
+        assert torch.get_num_threads() == 1
         fixed.restore()
-        assert scoring.ForwardThreads(num_workers=0).threads == 2
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
