@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: 32 (tiny modes), 8 (real size)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--rows-per-part", type=int, default=1024)
-    parser.add_argument("--cpu-threads", type=int, help="score.cpu_threads: fixed forward threads (default: chosen from measured load)")
+    parser.add_argument("--cpu-threads", type=int, help="score.cpu_threads: fixed forward threads (default: torch's, every CPU)")
     parser.add_argument("--workdir", type=Path, help="keep inputs and outputs here (default: a temporary folder)")
     args = parser.parse_args()
     args.batch_size = args.batch_size or (8 if args.real_size else 32)
