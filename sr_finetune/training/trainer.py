@@ -146,8 +146,9 @@ def build_optimizer(cfg: FinetuneConfig, param_groups: list[dict], device: torch
 
 def fused_adamw_available(device: torch.device) -> bool:
     """Whether AdamW has a fused kernel here (one kernel for all parameters): CUDA, and CPU since torch 2.4."""
-    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
-    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
+    from accelerate.utils import is_torch_version
+
+    return device.type == "cuda" or (device.type == "cpu" and is_torch_version(">=", "2.4"))
 
 
 def _tracker_config(cfg: FinetuneConfig) -> dict:
