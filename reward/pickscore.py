@@ -79,6 +79,7 @@ class PickScoreReward(RewardModel):
             raise UserError(f"unknown pickscore scale '{scale}' (expected one of {sorted(SCALES)})")
         self.model = model
         self.image_processor = image_processor
+        self.fast_path = CLIPProcessorFastPath.of(image_processor)  # None: the processor does all images
         self.tokenizer = tokenizer
         self.scale = scale
 
@@ -86,12 +87,6 @@ class PickScoreReward(RewardModel):
         if self.fast_path is not None and image.mode == "RGB":
             return self.fast_path(image)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    @property
-    def fast_path(self) -> "CLIPProcessorFastPath | None":
-        if not hasattr(self, "_fast_path"):
-            self._fast_path = CLIPProcessorFastPath.of(self.image_processor)
-        return self._fast_path
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
