@@ -137,8 +137,6 @@ def test_two_processes_score_every_image_once(tiny_scorers, sid_table, tmp_path)
 
 @pytest.fixture(scope="module")
 def six_scorers(tmp_path_factory):
-    import torch
-
     from reward.scoring import load_scorers
     from reward.tiny import make_tiny_rewards
 
@@ -184,8 +182,6 @@ def test_identical_preprocessing_and_tokenisation_form_one_group(six_scorers):
 
 
 def test_shared_tokens_equal_each_scorers_own_and_repeats_are_tokenised_once(six_scorers):
-    import torch
-
     from reward.scoring import plan_inputs
 
     plan = plan_inputs(six_scorers)
@@ -201,8 +197,6 @@ def test_shared_tokens_equal_each_scorers_own_and_repeats_are_tokenised_once(six
 
 def test_each_shared_preprocessing_runs_once_per_image_and_scores_are_unchanged(six_scorers, sid_table, monkeypatch):
     from collections import Counter
-
-    import torch
 
     from reward.clip_scorers import AestheticReward, CLIPScoreReward
     from reward.hpsv2 import HPSv2Reward
@@ -231,8 +225,6 @@ def test_each_shared_preprocessing_runs_once_per_image_and_scores_are_unchanged(
 
 
 def test_scores_do_not_depend_on_batch_size_workers_or_part_boundaries(six_scorers, sid_table):
-    import torch
-
     from reward.scoring import iter_scored_parts, score_rows
 
     rows = read_image_table(ScoreConfig(image_table=str(sid_table)))
