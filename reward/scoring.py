@@ -25,10 +25,11 @@ import torch
 from PIL import Image
 
 from sr_finetune.config import require, to_yaml
+from sr_finetune.cpu_memory import reuse_freed_memory
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_parts
 
-from .base import RewardModel, load_reward, to_device
+from .base import RewardModel, load_rewards, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,10 @@ def iter_scored_parts(
 ) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
     """Score the row ranges ``parts`` = [(part, start, stop)] of ``rows`` through one DataLoader,
     so the workers stay busy across part boundaries; yield (part, scores, errors) as each part
-    completes. On a CPU device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`)."""
+    completes. On a CPU device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`)
+    and freed activations are kept for reuse (:func:`reuse_freed_memory`)."""
+    if device.type == "cpu":
+        reuse_freed_memory()
     plan = plan_inputs(scorers)
     dtypes = {name: next(scorer.parameters()).dtype for name, scorer in scorers.items()}
     loader = torch.utils.data.DataLoader(
@@ -350,7 +354,8 @@ def score_rows(
 
 
 def load_scorers(cfg: ScoreConfig, device: torch.device) -> dict[str, RewardModel]:
-    return {name: load_reward(name, weights=cfg.weights.get(name), device=device, dtype=cfg.dtype, **cfg.options.get(name, {})) for name in cfg.metrics}
+    """The configured metrics' scorers (concurrently where they allow it, see :func:`load_rewards`)."""
+    return load_rewards({name: {"weights": cfg.weights.get(name), **cfg.options.get(name, {})} for name in cfg.metrics}, device=device, dtype=cfg.dtype)
 
 
 @dataclass
@@ -395,6 +400,8 @@ def run_scoring(cfg: ScoreConfig) -> ScoringSummary:
     start = time.perf_counter()
     if todo:
         device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
+        if device.type == "cpu":
+            reuse_freed_memory()  # before loading too: buffers freed while loading are reused
         scorers = load_scorers(cfg, device)
         start = time.perf_counter()  # throughput excludes model loading
         total = sum(min((k + 1) * cfg.rows_per_part, len(rows)) - k * cfg.rows_per_part for k in todo)
