@@ -16,6 +16,7 @@ means "not shared with any other scorer".
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Callable
 
 import torch
@@ -88,14 +89,38 @@ def encode_distinct_rows(encode: Callable[[Any], torch.Tensor], tokens: Any) -> 
     return encode(subset)[inverse]
 
 
+def drop_padding_columns(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token columns after the batch's last real token (``attention_mask``) cut off.
+
+    Tokenisers pad to a fixed length so that rows stack; padded positions are masked out as
+    keys, so a masked text tower gives the same outputs at the real positions (and the same
+    pooled embedding) on the shorter batch, for less work on batches of short prompts. Without
+    an ``attention_mask`` the tokens are returned as they are."""
+    mask = tokens.get("attention_mask")
+    if mask is None:
+        return tokens
+    used = mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else mask.shape[1]
+    if length == mask.shape[1]:
+        return tokens
+    return {k: v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v for k, v in tokens.items()}
+
+
 _REGISTRY: dict[str, Callable[..., RewardModel]] = {}
+_CONCURRENT_LOADS: set[str] = set()
 
 
-def register_reward(name: str) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
-    """Decorator: register ``loader(weights=..., device=..., dtype=..., **kwargs) -> RewardModel``."""
+def register_reward(name: str, concurrent_load: bool = False) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+    """Decorator: register ``loader(weights=..., device=..., dtype=..., **kwargs) -> RewardModel``.
+
+    ``concurrent_load=True`` promises that the loader changes no process-wide state, so
+    :func:`load_rewards` may run it in a thread beside other such loaders. transformers'
+    ``from_pretrained`` does change some (torch's default dtype, patched init functions) while it
+    builds a model: loaders that call it keep the default."""
 
     def wrap(loader: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
         _REGISTRY[name] = loader
+        (_CONCURRENT_LOADS.add if concurrent_load else _CONCURRENT_LOADS.discard)(name)
         return loader
 
     return wrap
@@ -113,6 +138,30 @@ def load_reward(name: str, weights: str | None = None, device: str | torch.devic
         raise UserError(f"unknown reward model '{name}' (available: {', '.join(sorted(_REGISTRY))})")
     model = _REGISTRY[name](weights=weights, device=device, dtype=dtype, **kwargs)
     return model.eval()
+
+
+def load_rewards(specs: dict[str, dict[str, Any]], device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> dict[str, RewardModel]:
+    """Several reward models, ``{name: load_reward kwargs}`` -> ``{name: model}`` in that order.
+
+    Those registered with ``concurrent_load=True`` load at the same time in threads: reading,
+    casting and copying weights runs outside the GIL, and at the real sizes loading is mostly the
+    kernel faulting in fresh memory, which two CPUs do twice as fast as one (five real-size
+    scorers on 2 CPUs: 14.3 s one after another, 10.8 s in threads). The others load one at a
+    time afterwards, while nothing else loads."""
+    _import_builtin_scorers()
+    concurrent = [name for name in specs if name in _CONCURRENT_LOADS]
+    loaded: dict[str, RewardModel] = {}
+    if len(concurrent) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(min(len(concurrent), max(cpus, 2)), thread_name_prefix="load-reward") as pool:
+            futures = {name: pool.submit(load_reward, name, device=device, dtype=dtype, **specs[name]) for name in concurrent}
+            loaded = {name: future.result() for name, future in futures.items()}
+    for name in specs:
+        if name not in loaded:
+            loaded[name] = load_reward(name, device=device, dtype=dtype, **specs[name])
+    return {name: loaded[name] for name in specs}
 
 
 def _import_builtin_scorers() -> None:

@@ -200,7 +200,7 @@ def load_aesthetic_head(path: str | os.PathLike) -> AestheticHead:
     return head.eval()
 
 
-@register_reward("clip")
+@register_reward("clip", concurrent_load=True)
 def load_clip(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
@@ -213,7 +213,7 @@ def load_clip(
     return CLIPScoreReward(backbone).eval()
 
 
-@register_reward("social_reward")
+@register_reward("social_reward", concurrent_load=True)
 def load_social_reward(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
@@ -228,7 +228,7 @@ def load_social_reward(
     return SocialReward(backbone).eval()
 
 
-@register_reward("aesthetic")
+@register_reward("aesthetic", concurrent_load=True)
 def load_aesthetic(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",

@@ -220,7 +220,7 @@ def load_hps_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
 
 
-@register_reward("hpsv2")
+@register_reward("hpsv2", concurrent_load=True)
 def load_hpsv2(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",

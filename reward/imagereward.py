@@ -44,7 +44,7 @@ from torch import nn
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_dtype
 
-from .base import RewardModel, register_reward
+from .base import RewardModel, drop_padding_columns, register_reward
 from .loading import build_on_meta, ensure_materialized
 from .blip import (
     BLIP_VIT_BASE,
@@ -145,6 +145,7 @@ class ImageRewardModel(RewardModel):
     def text_features(self, pixel_values: torch.Tensor, text_inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The [CLS] state of the multimodal text encoder, fp32 [N, hidden]."""
         dtype = self.blip.visual_encoder.patch_embed.proj.weight.dtype
+        text_inputs = drop_padding_columns(dict(text_inputs))
         hidden = self.blip.multimodal_features(pixel_values.to(dtype), text_inputs["input_ids"], text_inputs["attention_mask"])
         return hidden[:, 0, :].float()
 
@@ -288,7 +289,7 @@ def load_checkpoint_weights(model: ImageRewardModel, state_dict: Mapping[str, to
         logger.warning("%s: %d keys not used by ImageReward, ignored (e.g. %s)", source, len(unexpected), ", ".join(unexpected[:5]))
 
 
-@register_reward("imagereward")
+@register_reward("imagereward", concurrent_load=True)
 def load_imagereward(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 import weakref
 import zipfile
@@ -87,6 +88,9 @@ def is_torchscript_archive(path: str | os.PathLike) -> bool:
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
+_WARNINGS_FILTER_LOCK = threading.Lock()
+
+
 def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The OpenAI-layout state dict stored in ``path`` (TorchScript archive, plain or wrapped
     state dict, or safetensors), on the CPU, in the file's dtypes."""
@@ -98,7 +102,7 @@ def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     elif is_torchscript_archive(path):
-        with warnings.catch_warnings():
+        with _WARNINGS_FILTER_LOCK, warnings.catch_warnings():  # the filters are process-wide: one thread at a time
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still OpenAI's format
             state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         state = {k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS}
@@ -272,6 +276,8 @@ def _same_batch(a: torch.Tensor, b: torch.Tensor) -> bool:
 # Backbones alive in this process, keyed by (weights file, device, dtype): a second scorer on
 # the same weights gets the same module. Weak values: the backbone goes when its scorers go.
 _SHARED: "weakref.WeakValueDictionary[tuple, OpenAICLIPBackbone]" = weakref.WeakValueDictionary()
+_SHARED_BUILDS: dict[tuple, threading.Lock] = {}  # one lock per key: concurrent loads build it once
+_SHARED_BUILDS_GUARD = threading.Lock()
 
 
 def load_openai_clip_backbone(
@@ -286,13 +292,20 @@ def load_openai_clip_backbone(
     device, dtype = resolve_device(str(device)), resolve_dtype(dtype)
     stat = path.stat() if path.is_file() else None
     key = (str(path), stat.st_mtime_ns if stat else None, stat.st_size if stat else None, str(device), dtype)
-    if share and key in _SHARED:
-        return _SHARED[key]
-    model = openai_clip_from_state_dict(read_openai_state_dict(path), dtype).to(device)
-    backbone = OpenAICLIPBackbone(model).eval().requires_grad_(False)
-    if share:
-        _SHARED[key] = backbone
+    if not share:
+        return _build_backbone(path, device, dtype)
+    with _SHARED_BUILDS_GUARD:
+        build_lock = _SHARED_BUILDS.setdefault(key, threading.Lock())
+    with build_lock:
+        backbone = _SHARED.get(key)
+        if backbone is None:
+            backbone = _SHARED[key] = _build_backbone(path, device, dtype)
     return backbone
+
+
+def _build_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> OpenAICLIPBackbone:
+    model = openai_clip_from_state_dict(read_openai_state_dict(path), dtype).to(device)
+    return OpenAICLIPBackbone(model).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- tiny weights

@@ -43,7 +43,7 @@ from sr_finetune.clip_vocab import VOCAB_SIZE, write_clip_tokenizer
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
-from .base import RewardModel, encode_distinct_rows, register_reward
+from .base import RewardModel, drop_padding_columns, encode_distinct_rows, register_reward
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, apply_lookup, lookup_tables, resize_shortest_edge
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -105,6 +105,7 @@ class PickScoreReward(RewardModel):
         return image_embeds, text_embeds
 
     def _text_embeds(self, text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        text_inputs = drop_padding_columns(text_inputs)
         text_out = self.model.text_model(input_ids=text_inputs["input_ids"], attention_mask=text_inputs.get("attention_mask"))
         return self.model.text_projection(text_out.pooler_output)
 

@@ -233,7 +233,7 @@ def test_scores_do_not_depend_on_batch_size_workers_or_part_boundaries(six_score
     assert [p for p, _, _ in parts] == [3, 7]
     assert sorted(parts[0][2].image_id) == [] and sorted(parts[1][2].image_id) == ["empty", "missing", "text", "truncated"]
     streamed = pd.concat([scores for _, scores, _ in parts], ignore_index=True)
-    pd.testing.assert_frame_equal(streamed, one, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(streamed, one, atol=1e-5, rtol=1e-5)  # fp32 rounding: text batches are cut to their longest prompt
 
 
 class _Niceness(torch.utils.data.Dataset):

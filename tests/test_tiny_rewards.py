@@ -88,3 +88,80 @@ def test_openai_clip_and_pickscore_resize_each_rgb_image_once(tiny_rewards, monk
     assert resized == [(301, 250)]
     for name, tensor in expected.items():
         assert torch.equal(pixels[plan.pixel_keys[name]], tensor), name
+
+
+def test_loading_several_together_gives_the_same_models_in_the_given_order(tiny_rewards):
+    from reward import load_rewards
+
+    _, settings = tiny_rewards
+    specs = {name: {"weights": settings["weights"][name], **settings["options"].get(name, {})} for name in reversed(METRICS)}
+    together = load_rewards(specs)
+    assert list(together) == list(specs)
+    # clip and aesthetic, loaded by the thread pool, still share one backbone
+    assert together["aesthetic"].backbone is together["clip"].backbone
+    image = Image.new("RGB", (40, 30), (30, 160, 90))
+    for name, model in together.items():
+        alone = load_reward(name, **specs[name])
+        pixels = model.preprocess_image(image)[None]
+        ids = model.tokenize(["a green square"])
+        assert torch.equal(model.score(pixels, ids), alone.score(pixels, ids)), name
+
+
+def test_concurrent_loaders_run_together_and_the_others_alone_afterwards(monkeypatch):
+    import threading
+
+    from reward import base
+
+    events, meeting = [], threading.Barrier(2, timeout=20)
+
+    def loader(name, concurrent):
+        def load(weights=None, device="cpu", dtype="fp32"):
+            events.append((name, "start", threading.current_thread() is threading.main_thread()))
+            if concurrent:
+                meeting.wait()  # both concurrent loaders must be running at once to pass
+            events.append((name, "end", None))
+            return torch.nn.Identity()
+
+        return load
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_CONCURRENT_LOADS", set(base._CONCURRENT_LOADS))
+    for name, concurrent in [("serial_a", False), ("threaded_a", True), ("threaded_b", True)]:
+        base.register_reward(name, concurrent_load=concurrent)(loader(name, concurrent))
+    models = base.load_rewards({"serial_a": {}, "threaded_a": {}, "threaded_b": {}})
+    assert list(models) == ["serial_a", "threaded_a", "threaded_b"]
+    starts = {name: main for name, kind, main in events if kind == "start"}
+    assert starts == {"serial_a": True, "threaded_a": False, "threaded_b": False}
+    # the loader that may change process-wide state starts after both threaded loads ended
+    assert events[-2:] == [("serial_a", "start", True), ("serial_a", "end", None)]
+
+
+def test_padding_columns_after_the_last_real_token_are_dropped():
+    from reward.base import drop_padding_columns
+
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 0, 0, 0]])
+    tokens = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    cut = drop_padding_columns(tokens)
+    assert cut["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]] and cut["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    left_padded = {"input_ids": ids.flip(1), "attention_mask": (ids != 0).long().flip(1)}
+    assert drop_padding_columns(left_padded) is left_padded  # nothing after the last real token
+    assert drop_padding_columns({"input_ids": ids}) == {"input_ids": ids}  # no mask: nothing known
+
+
+@pytest.mark.parametrize("name", ["pickscore", "imagereward"])
+def test_masked_text_towers_score_short_prompts_the_same_in_a_cut_batch(tiny_rewards, name):
+    _, settings = tiny_rewards
+    model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))
+    prompts = ["a cat", "a very long and detailed prompt about a cat sitting on a red chair in the sun"]
+    pixels = torch.stack([model.preprocess_image(Image.new("RGB", (40, 30), c)) for c in [(200, 40, 90), (20, 140, 90)]])
+    tokens = model.tokenize(prompts)
+    lengths = tokens["attention_mask"].sum(dim=1)
+    assert tokens["input_ids"].shape[1] > lengths.max() > lengths.min()  # padded to the tokeniser's length
+    seen = []
+    tower = model.model.text_model if name == "pickscore" else model.blip.text_encoder
+    hook = tower.register_forward_pre_hook(lambda _, args, kwargs: seen.append((kwargs.get("input_ids", args[0] if args else None)).shape[1]), with_kwargs=True)
+    together = model.score(pixels, tokens)
+    alone = torch.cat([model.score(pixels[i : i + 1], {k: v[i : i + 1] for k, v in tokens.items()}) for i in range(2)])
+    hook.remove()
+    assert seen == [lengths.max(), lengths[0], lengths[1]]  # each batch cut to its longest prompt
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
