@@ -50,6 +50,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
 from .base import RewardModel, encode_distinct_rows, register_reward
+from .causal_text import encode_text_up_to_eot
 from .loading import build_on_meta, ensure_materialized, read_checkpoint_mapped, restore_causal_mask
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, open_clip_tokens_key
 
@@ -139,8 +140,11 @@ class HPSv2Reward(RewardModel):
         """L2-normalised image and text features, [N, D] each."""
         dtype = next(self.model.parameters()).dtype
         image_features = self.model.encode_image(pixel_values.to(dtype), normalize=True)
-        text_features = encode_distinct_rows(lambda ids: self.model.encode_text(ids, normalize=True), input_ids)
+        text_features = encode_distinct_rows(self._text_features, input_ids)
         return image_features, text_features
+
+    def _text_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return encode_text_up_to_eot(self.model, input_ids, normalize=True)
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor) -> torch.Tensor:
         device_type = pixel_values.device.type

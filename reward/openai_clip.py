@@ -38,6 +38,7 @@ import torch
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
+from .causal_text import encode_text_up_to_eot
 from .loading import build_on_meta, ensure_materialized, restore_causal_mask
 
 # Keys of OpenAI's TorchScript archives that are not weights of the model.
@@ -261,7 +262,7 @@ class OpenAICLIPBackbone(torch.nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings [N, D] at the EOT (argmax) position."""
-        return self.model.encode_text(input_ids)
+        return encode_text_up_to_eot(self.model, input_ids)
 
     def clear_cache(self) -> None:
         self._cached = None

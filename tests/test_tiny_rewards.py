@@ -48,7 +48,7 @@ def test_cli_writes_the_same_files(tmp_path, tiny_rewards):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(p.name for p in out.iterdir())
 
 
-TEXT_ENCODERS = {"social_reward": ("backbone", "encode_text"), "clip": ("backbone", "encode_text"), "hpsv2": ("model", "encode_text"), "pickscore": (None, "_text_embeds")}
+TEXT_ENCODERS = {"social_reward": ("backbone", "encode_text"), "clip": ("backbone", "encode_text"), "hpsv2": (None, "_text_features"), "pickscore": (None, "_text_embeds")}
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
@@ -71,6 +71,7 @@ def test_repeated_prompts_are_encoded_once_and_score_as_alone(tiny_rewards, name
         batched = model.score(pixels, model.tokenize(prompts))
         alone = torch.cat([model.score(pixels[i : i + 1], model.tokenize([p])) for i, p in enumerate(prompts)])
     assert rows_encoded[0] == 3  # three distinct prompts in the batch of five
+    assert len(rows_encoded) == 1 + len(prompts)
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
 
 
