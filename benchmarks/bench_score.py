@@ -301,7 +301,9 @@ def bench_real_size(args: argparse.Namespace, work: Path) -> None:
     print(f"real-size: metrics {','.join(cfg.metrics)}; {summary.scored} real 512 px images; batch_size {cfg.batch_size}, num_workers {cfg.num_workers}, fp32, {len(os.sched_getaffinity(0))} CPUs, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print(f"real-size seconds: {total:.1f} s for all six metrics in one run (model loading {loading:.1f} s, scoring {summary.seconds:.1f} s)")
     print(f"real-size speed-up vs the six reference implementations one after another ({REFERENCE_SECONDS:.0f} s): {REFERENCE_SECONDS / total:.2f}x (target >= 3x)")
-    print(f"real-size peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB (all six scorers loaded, clip and aesthetic on one backbone)")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"real-size peak RSS: {usage.ru_maxrss / 2**20:.1f} GiB (all six scorers loaded, clip and aesthetic on one backbone)")
+    print(f"real-size CPU: user {usage.ru_utime:.0f} s, system {usage.ru_stime:.0f} s, {usage.ru_majflt} major page faults (file pages read back from disk)")
     scores = pd.read_parquet(Path(cfg.output_dir) / "scores.parquet")
     print("real-size mean scores: " + ", ".join(f"{m} {scores[m].mean():.4f}" for m in cfg.metrics))
 
