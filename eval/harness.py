@@ -11,7 +11,9 @@ Layout of ``output_dir``::
     report.md, report.html                     the report (the HTML is self-contained)
     figures/means.png, figures/win_rates.png   the plots, for the Markdown report
 
-Scoring runs per metric so that adding a metric later scores only that metric.
+Every image is generated first; scoring then runs metric by metric (each scorer loaded once for
+all models and prompt sets) into a folder per metric, so that adding a metric later scores only
+that metric.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from reward.scoring import read_scores, run_scoring
+from reward.scoring import ScoreConfig, load_scorers, read_scores, run_scoring
 from sr_finetune.config import to_yaml
 from sr_finetune.errors import UserError
 from sr_finetune.generation import read_manifest, run_generation
@@ -69,34 +72,54 @@ def _check_scoring_settings(folder: Path, settings: dict, is_main: bool) -> None
         path.write_text(json.dumps(settings, indent=2))
 
 
+class ScorersByMetric:
+    """``run_scoring``'s ``load`` for a whole evaluation: each metric's scorer is loaded once for
+    every model and prompt set (and only if some image still needs it), and only one metric's
+    scorer is held at a time."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.scorers: dict = {}
+        self.loads = 0
+
+    def __call__(self, cfg: ScoreConfig, device: Any) -> dict:
+        key = (tuple(cfg.metrics), json.dumps([cfg.weights, cfg.options], sort_keys=True, default=str), str(device), cfg.dtype)
+        if key != self.key:
+            self.scorers = {}  # the previous metric's scorer goes before the next one loads
+            self.scorers, self.key = load_scorers(cfg, device), key
+            self.loads += 1
+        return self.scorers
+
+
 def generate_and_score(cfg: EvaluateConfig) -> tuple[int, int]:
-    """Run (or resume) the generation and scoring stages for every model x prompt set.
+    """Run (or resume) the generation stage for every model x prompt set, then the scoring stage
+    metric by metric (each scorer loaded once, see :class:`ScorersByMetric`).
 
     Returns (images made by this process, images in all)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     state = PartialState(cpu=cfg.device == "cpu")
-    models, sets = cfg.models(), list(cfg.prompt_sets)
+    runs = [(model, spec, prompt_set) for model, spec in cfg.models().items() for prompt_set in cfg.prompt_sets]
     made = total = 0
-    steps = len(models) * len(sets) * (1 + len(cfg.metrics))
-    with tqdm(total=steps, desc="evaluate", unit="stage", position=1, disable=not state.is_main_process) as bar:
-        for model, spec in models.items():
-            for prompt_set in sets:
-                bar.set_postfix_str(f"generate {model}/{prompt_set}")
-                summary = run_generation(cfg.generate_config(model, spec, prompt_set))
-                logger.info(summary.line())
-                made += summary.images_made
-                total += summary.prompts * cfg.images_per_prompt
+    scorers = ScorersByMetric()
+    with tqdm(total=len(runs) * (1 + len(cfg.metrics)), desc="evaluate", unit="stage", position=1, disable=not state.is_main_process) as bar:
+        for model, spec, prompt_set in runs:
+            bar.set_postfix_str(f"generate {model}/{prompt_set}")
+            summary = run_generation(cfg.generate_config(model, spec, prompt_set))
+            logger.info(summary.line())
+            made += summary.images_made
+            total += summary.prompts * cfg.images_per_prompt
+            bar.update()
+        for metric in cfg.metrics:
+            for model, _, prompt_set in runs:
+                bar.set_postfix_str(f"score {metric} {model}/{prompt_set}")
+                score_cfg = cfg.score_config(model, prompt_set, metric)
+                settings = {"metric": metric, "weights": score_cfg.weights.get(metric), "options": score_cfg.options.get(metric, {}), "dtype": score_cfg.dtype}
+                _check_scoring_settings(Path(score_cfg.output_dir), settings, state.is_main_process)
+                state.wait_for_everyone()
+                logger.info(run_scoring(score_cfg, load=scorers).line())
                 bar.update()
-                for metric in cfg.metrics:
-                    bar.set_postfix_str(f"score {metric} {model}/{prompt_set}")
-                    score_cfg = cfg.score_config(model, prompt_set, metric)
-                    settings = {"metric": metric, "weights": score_cfg.weights.get(metric), "options": score_cfg.options.get(metric, {}), "dtype": score_cfg.dtype}
-                    _check_scoring_settings(Path(score_cfg.output_dir), settings, state.is_main_process)
-                    state.wait_for_everyone()
-                    logger.info(run_scoring(score_cfg).line())
-                    bar.update()
     return made, total
 
 

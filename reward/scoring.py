@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -378,8 +378,11 @@ def _part_file(output_dir: Path, kind: str, part: int) -> Path:
     return output_dir / kind / f"part-{part:05d}.parquet"
 
 
-def run_scoring(cfg: ScoreConfig) -> ScoringSummary:
-    """Score this process's parts, then (main process) merge them into ``scores.parquet``."""
+def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], dict[str, RewardModel]] = load_scorers) -> ScoringSummary:
+    """Score this process's parts, then (main process) merge them into ``scores.parquet``.
+
+    ``load`` makes the scorers, called only when some part is left to score (a caller scoring
+    several folders with the same metrics can pass one that keeps them loaded)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -402,7 +405,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoringSummary:
         device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
         if device.type == "cpu":
             reuse_freed_memory()  # before loading too: buffers freed while loading are reused
-        scorers = load_scorers(cfg, device)
+        scorers = load(cfg, device)
         start = time.perf_counter()  # throughput excludes model loading
         total = sum(min((k + 1) * cfg.rows_per_part, len(rows)) - k * cfg.rows_per_part for k in todo)
         with tqdm(total=total, unit="img", desc=f"score [{state.process_index}/{state.num_processes}]", position=state.process_index) as bar:

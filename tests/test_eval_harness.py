@@ -1,6 +1,7 @@
 """End to end on tiny models: baseline vs a fine-tuned model, two real prompt sets x 3 prompts x 2
 images, six metrics; the tables must equal what the scores parquet says."""
 
+import contextlib
 import json
 import math
 
@@ -36,8 +37,20 @@ def evaluation(tmp_path_factory, tiny_sd):
     }
     config = root / "eval.yaml"
     config.write_text(yaml.safe_dump({"evaluate": section}, sort_keys=False))
-    assert main(["evaluate", "--config", str(config)]) == 0
-    return {"config": config, "out": root / "out", "section": section}
+    with counting_scorer_loads() as loads:
+        assert main(["evaluate", "--config", str(config)]) == 0
+    return {"config": config, "out": root / "out", "section": section, "loads": loads}
+
+
+@contextlib.contextmanager
+def counting_scorer_loads():
+    """The metrics of every scorer load the harness makes, in order."""
+    from eval import harness
+
+    loads, load = [], harness.load_scorers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "load_scorers", lambda cfg, device: loads.append(tuple(cfg.metrics)) or load(cfg, device))
+        yield loads
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +66,11 @@ def test_writes_scores_tables_json_and_report(evaluation, scores):
     assert scores[METRICS].notna().all().all()
     assert len(pd.read_csv(out / "tables/means.csv")) == 2 * 2 * 6
     assert len(pd.read_csv(out / "tables/win_rates.csv")) == 1 * 2 * 6 * 2  # fine-tuned x sets x metrics x units
+
+
+def test_each_scorer_is_loaded_once_for_both_models_and_prompt_sets(evaluation, scores):
+    assert evaluation["loads"] == [(metric,) for metric in METRICS]
+    assert len(scores) == 2 * 2 * 3 * 2 and scores[METRICS].notna().all().all()
 
 
 def test_same_seeds_real_prompts_and_the_negative_token(scores):
@@ -119,7 +137,9 @@ def test_rerun_reuses_every_generation_and_score(evaluation):
     files = sorted(p for p in (out / "generations").rglob("*.png")) + sorted((out / "scores").rglob("part-*.parquet"))
     before = {p: p.stat().st_mtime_ns for p in files}
     means_before = pd.read_csv(out / "tables/means.csv")
-    assert main(["evaluate", "--config", str(evaluation["config"])]) == 0
+    with counting_scorer_loads() as loads:
+        assert main(["evaluate", "--config", str(evaluation["config"])]) == 0
+    assert loads == []  # nothing left to score: no scorer is even loaded
     assert {p: p.stat().st_mtime_ns for p in files} == before
     pd.testing.assert_frame_equal(pd.read_csv(out / "tables/means.csv"), means_before)
 
