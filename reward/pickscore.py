@@ -160,11 +160,10 @@ def _size_fields(size: Any) -> dict:
     return {k: getattr(size, k) for k in ("height", "width", "shortest_edge", "longest_edge") if hasattr(size, k)}
 
 
-def _transformers_version() -> tuple[int, int]:
-    import transformers
+def _transformers_at_least(version: str) -> bool:
+    from accelerate.utils import compare_versions
 
-    major, minor = transformers.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    return compare_versions("transformers", ">=", version)
 
 
 def load_pickscore_image_processor(source: str | os.PathLike) -> Any:
@@ -172,7 +171,7 @@ def load_pickscore_image_processor(source: str | os.PathLike) -> Any:
     torchvision ("fast") one."""
     from transformers import AutoImageProcessor
 
-    pin = {"backend": "pil"} if _transformers_version() >= (5, 0) else {"use_fast": False}
+    pin = {"backend": "pil"} if _transformers_at_least("5.0") else {"use_fast": False}
     processor = AutoImageProcessor.from_pretrained(str(source), **pin)
     if type(processor).__name__.endswith("Fast") or "Torchvision" in [c.__name__ for c in type(processor).__mro__]:
         raise UserError(f"could not load the PIL CLIP image processor from {source} (got {type(processor).__name__})")
@@ -182,7 +181,7 @@ def load_pickscore_image_processor(source: str | os.PathLike) -> Any:
 def _load_clip_model(source: str | os.PathLike) -> torch.nn.Module:
     from transformers import CLIPModel
 
-    fp32 = {"dtype": torch.float32} if _transformers_version() >= (4, 56) else {"torch_dtype": torch.float32}
+    fp32 = {"dtype": torch.float32} if _transformers_at_least("4.56") else {"torch_dtype": torch.float32}
     return CLIPModel.from_pretrained(str(source), **fp32)
 
 
