@@ -80,14 +80,12 @@ class ScorersByMetric:
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.scorers: dict = {}
-        self.loads = 0
 
     def __call__(self, cfg: ScoreConfig, device: Any) -> dict:
         key = (tuple(cfg.metrics), json.dumps([cfg.weights, cfg.options], sort_keys=True, default=str), str(device), cfg.dtype)
         if key != self.key:
             self.scorers = {}  # the previous metric's scorer goes before the next one loads
             self.scorers, self.key = load_scorers(cfg, device), key
-            self.loads += 1
         return self.scorers
 
 

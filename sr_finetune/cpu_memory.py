@@ -8,9 +8,10 @@ the kernel to map and zero them again. With both thresholds at 1 GiB the blocks 
 heap and are reused, as under jemalloc or tcmalloc. Measured on 2 CPUs, one 8-image ViT-H/14
 image-tower forward: 11.1 s (2.7 s of it system time) before, 9.4 s (0.1 s) after.
 
-Only glibc exposes ``mallopt``; elsewhere this is a no-op. The cost: freed memory is kept until
-the process exits, so the resident size stays at its peak (a scoring run's peak is its steady
-state anyway).
+Only glibc exposes ``mallopt``; elsewhere this is a no-op. The cost: freed blocks stay with the
+process, so its resident size stays near its peak (a scoring run's peak is its steady state);
+over ViT-B/16 forwards of 3 to 8 images it settled after the second batch, 60 MiB above the
+untuned run.
 """
 
 from __future__ import annotations
