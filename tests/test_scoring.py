@@ -264,3 +264,21 @@ def test_cpu_workers_yield_the_cpus_to_the_forward_which_keeps_its_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_runs_score_every_metric_close_to_fp32(tmp_path, sid_table, dtype):
+    """The half-precision path GPU runs take (here on the CPU): every metric, near its fp32 value."""
+    from reward.tiny import make_tiny_rewards
+
+    settings = make_tiny_rewards(tmp_path / "rewards")
+    tables = {}
+    for run_dtype in ("fp32", dtype):
+        cfg = ScoreConfig(**settings, image_table=str(sid_table), output_dir=str(tmp_path / run_dtype), device="cpu", dtype=run_dtype, batch_size=4, num_workers=0)
+        assert run_scoring(cfg).scored == 8
+        tables[run_dtype] = pd.read_parquet(tmp_path / run_dtype / "scores.parquet").set_index("image_id")[settings["metrics"]]
+    error = (tables[dtype] - tables["fp32"]).abs().max()
+    scale = tables["fp32"].abs().max()
+    assert tables[dtype].notna().all().all()
+    assert (error > 0).sum() >= 4  # the run did compute in half precision
+    assert (error <= 0.02 * scale + 0.01).all(), error.to_dict()  # bf16 keeps 8 bits of mantissa
