@@ -39,3 +39,10 @@ def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
         by_format.setdefault(path.suffix.lower(), []).append(path)
     picked = [path for group in zip(*by_format.values()) for path in group][:limit]  # round robin over formats
     return picked + [p for p in files if p not in picked][: limit - len(picked)]
+
+
+def load_tiny_reward(settings: dict, name: str):
+    """Scorer ``name`` from the ``{"weights", "options"}`` settings ``reward.tiny`` returns."""
+    from reward import load_reward
+
+    return load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))

@@ -3,7 +3,7 @@ import pytest
 import torch
 from open_clip.tokenizer import tokenize
 
-from reward import load_reward
+from conftest import load_tiny_reward
 from reward.causal_text import encode_text_up_to_eot
 from reward.tiny import make_tiny_rewards
 
@@ -11,8 +11,7 @@ from reward.tiny import make_tiny_rewards
 @pytest.fixture(scope="module")
 def text_models(tmp_path_factory):
     settings = make_tiny_rewards(tmp_path_factory.mktemp("rewards"))
-    load = lambda name: load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))  # noqa: E731
-    return {"openai_clip": load("clip").backbone.model, "hpsv2": load("hpsv2").model}
+    return {"openai_clip": load_tiny_reward(settings, "clip").backbone.model, "hpsv2": load_tiny_reward(settings, "hpsv2").model}
 
 
 @pytest.fixture

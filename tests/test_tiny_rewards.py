@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_tiny_reward
 from reward import load_reward
 from reward.tiny import METRICS, make_tiny_rewards
 from sr_finetune.cli import main
@@ -23,7 +24,7 @@ def test_every_scorer_loads_from_the_written_files_alone(tiny_rewards):
     image = Image.new("RGB", (40, 30), (200, 40, 90))
     scores = {}
     for name in METRICS:
-        model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))
+        model = load_tiny_reward(settings, name)
         pixels = model.preprocess_image(image)[None]
         ids = model.tokenize(["a red square"])
         scores[name] = model.score(pixels, ids)
@@ -54,7 +55,7 @@ TEXT_ENCODERS = {"social_reward": ("backbone", "encode_text"), "clip": ("backbon
 @pytest.mark.parametrize("name", sorted(TEXT_ENCODERS))
 def test_repeated_prompts_are_encoded_once_and_score_as_alone(tiny_rewards, name, monkeypatch):
     _, settings = tiny_rewards
-    model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {})).eval()
+    model = load_tiny_reward(settings, name).eval()
     prompts = ["a red square", "a blue circle", "a red square", "a red square", "a green star"]
     images = [Image.new("RGB", (40 + 3 * i, 30), (40 * i, 200 - 30 * i, 90)) for i in range(len(prompts))]
     pixels = torch.stack([model.preprocess_image(im) for im in images])
@@ -79,7 +80,7 @@ def test_openai_clip_and_pickscore_resize_each_rgb_image_once(tiny_rewards, monk
     from reward.scoring import plan_inputs
 
     _, settings = tiny_rewards
-    scorers = {name: load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {})) for name in ("clip", "pickscore")}
+    scorers = {name: load_tiny_reward(settings, name) for name in ("clip", "pickscore")}
     plan = plan_inputs(scorers)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (250, 301, 3), dtype=np.uint8))
     expected = {"clip": scorers["clip"].transform(image.copy()), "pickscore": scorers["pickscore"].image_processor(images=image, return_tensors="pt")["pixel_values"][0]}
@@ -152,7 +153,7 @@ def test_padding_columns_after_the_last_real_token_are_dropped():
 @pytest.mark.parametrize("name", ["pickscore", "imagereward"])
 def test_masked_text_towers_score_short_prompts_the_same_in_a_cut_batch(tiny_rewards, name):
     _, settings = tiny_rewards
-    model = load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))
+    model = load_tiny_reward(settings, name)
     prompts = ["a cat", "a very long and detailed prompt about a cat sitting on a red chair in the sun"]
     pixels = torch.stack([model.preprocess_image(Image.new("RGB", (40, 30), c)) for c in [(200, 40, 90), (20, 140, 90)]])
     tokens = model.tokenize(prompts)
