@@ -2,8 +2,9 @@
 
 Fine-tunes a tiny SD-2.1-shaped model (``make_tiny_sd_pipeline``: UNet 32/64 channels, one layer
 per block, a 4-layer text encoder of width 64) at 32 px, batch 8, on the CPU, with
-``run_finetune`` exactly as a user would, for the UNet alone and for UNet + text encoder. Every run is a fresh process, timed from launch to exit; the steady-state rate is
-``(N2 - N1) / (t2 - t1)`` over two run lengths, so start-up and the final save cancel out.
+``run_finetune`` exactly as a user would, for the UNet alone and for UNet + text encoder. Every
+run is a fresh process, timed from launch to exit; the steady-state rate is ``(N2 - N1) /
+(t2 - t1)`` over two run lengths, so start-up and the final save cancel out.
 
 - start-up: launch to the end of the first optimizer step (imports, model load, latent and
   text-embedding cache, first step);
