@@ -32,6 +32,7 @@ from sr_finetune.config import to_yaml
 from sr_finetune.errors import UserError
 from sr_finetune.generation import read_manifest, run_generation
 from sr_finetune.io import atomic_write_parquet
+from sr_finetune.progress import progress, quiet_library_bars
 
 from .config import EvaluateConfig
 from .stats import DEFINITIONS, Bootstrap, mean_table, win_table
@@ -95,13 +96,12 @@ def generate_and_score(cfg: EvaluateConfig) -> tuple[int, int]:
 
     Returns (images made by this process, images in all)."""
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     state = PartialState(cpu=cfg.device == "cpu")
     runs = [(model, spec, prompt_set) for model, spec in cfg.models().items() for prompt_set in cfg.prompt_sets]
     made = total = 0
     scorers = ScorersByMetric()
-    with tqdm(total=len(runs) * (1 + len(cfg.metrics)), desc="evaluate", unit="stage", position=1, disable=not state.is_main_process) as bar:
+    with progress(total=len(runs) * (1 + len(cfg.metrics)), desc="evaluate", unit="stage", disable=not state.is_main_process) as bar:
         for model, spec, prompt_set in runs:
             bar.set_postfix_str(f"generate {model}/{prompt_set}")
             summary = run_generation(cfg.generate_config(model, spec, prompt_set))
@@ -188,6 +188,7 @@ def write_results(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame
     return paths
 
 
+@quiet_library_bars()
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationSummary:
     """Generate, score, tabulate and report; rerunning reuses every finished generation and score."""
     from accelerate import PartialState

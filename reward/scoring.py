@@ -28,6 +28,7 @@ from sr_finetune.config import require, to_yaml
 from sr_finetune.cpu_memory import reuse_freed_memory
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_parts
+from sr_finetune.progress import progress, quiet_library_bars
 
 from .base import RewardModel, load_rewards, to_device
 
@@ -378,13 +379,13 @@ def _part_file(output_dir: Path, kind: str, part: int) -> Path:
     return output_dir / kind / f"part-{part:05d}.parquet"
 
 
+@quiet_library_bars()
 def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], dict[str, RewardModel]] = load_scorers) -> ScoringSummary:
     """Score this process's parts, then (main process) merge them into ``scores.parquet``.
 
     ``load`` makes the scorers, called only when some part is left to score (a caller scoring
     several folders with the same metrics can pass one that keeps them loaded)."""
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     from sr_finetune.distributed import warn_if_single_cpu_launch
     from sr_finetune.models import resolve_device
@@ -408,7 +409,7 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
         scorers = load(cfg, device)
         start = time.perf_counter()  # throughput excludes model loading
         total = sum(min((k + 1) * cfg.rows_per_part, len(rows)) - k * cfg.rows_per_part for k in todo)
-        with tqdm(total=total, unit="img", desc=f"score [{state.process_index}/{state.num_processes}]", position=state.process_index) as bar:
+        with progress(total=total, unit="img", desc=f"score [{state.process_index}/{state.num_processes}]", position=state.process_index) as bar:
             parts = [(k, k * cfg.rows_per_part, min((k + 1) * cfg.rows_per_part, len(rows))) for k in todo]
             scored = iter_scored_parts(
                 rows, scorers, parts, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=bar, cpu_threads=cfg.cpu_threads

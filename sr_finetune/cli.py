@@ -17,13 +17,14 @@ from typing import Callable, Sequence
 
 from .config import load_config, to_yaml
 from .errors import ConfigError, UserError
+from .progress import progress_output
 
 logger = logging.getLogger("sr_finetune")
 
 
 def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -185,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with progress_output():  # log lines through the stage's bar; no library bars
+            return args.func(args)
     except (UserError, FileNotFoundError) as exc:
         # Expected user errors: one line, no traceback.
         print(f"sr-finetune {args.command}: error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from .config import require, to_yaml
 from .distributed import warn_if_single_cpu_launch
 from .errors import ConfigError, UserError
 from .io import atomic_write_parquet, atomic_save_image, read_parts
+from .progress import progress, quiet_library_bars
 from .prompts import PromptSet, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -214,10 +215,10 @@ class GenerationSummary:
         )
 
 
+@quiet_library_bars()
 def run_generation(cfg: GenerateConfig) -> GenerationSummary:
     """Generate this process's shards; the main process then writes the merged manifest."""
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     from .models import load_pipeline, resolve_device
 
@@ -243,20 +244,20 @@ def run_generation(cfg: GenerateConfig) -> GenerationSummary:
         pipe = load_pipeline(cfg.model, dtype=_pick_dtype(cfg, device), device=device, scheduler=cfg.scheduler, attention=cfg.attention, revision=cfg.revision, variant=cfg.variant)
         start = time.perf_counter()  # throughput excludes model loading
         n_images = sum(min(cfg.prompts_per_shard, len(prompt_set) - k * cfg.prompts_per_shard) for k in todo) * cfg.images_per_prompt
-        bar = tqdm(total=n_images, unit="img", desc=f"generate [{state.process_index}/{state.num_processes}]", position=state.process_index, disable=not state.is_local_main_process and state.num_processes > 8)
-        for shard in todo:
-            items = shard_items(cfg, prompt_set, shard)
-            missing = [it for it in items if not (output_dir / it.path).exists()]
-            reused += len(items) - len(missing)
-            bar.update(len(items) - len(missing))
-            for batch in _batches(missing, cfg.batch_size):
-                for item, image in zip(batch, generate_images(pipe, cfg, batch)):
-                    atomic_save_image(image, output_dir / item.path)
-                made += len(batch)
-                bar.update(len(batch))
-                bar.set_postfix(shard=shard)
-            atomic_write_parquet(_manifest_rows(cfg, items), part_path(output_dir, shard))
-        bar.close()
+        desc = f"generate [{state.process_index}/{state.num_processes}]"
+        with progress(total=n_images, unit="img", desc=desc, position=state.process_index, disable=not state.is_local_main_process and state.num_processes > 8) as bar:
+            for shard in todo:
+                items = shard_items(cfg, prompt_set, shard)
+                missing = [it for it in items if not (output_dir / it.path).exists()]
+                reused += len(items) - len(missing)
+                bar.update(len(items) - len(missing))
+                for batch in _batches(missing, cfg.batch_size):
+                    for item, image in zip(batch, generate_images(pipe, cfg, batch)):
+                        atomic_save_image(image, output_dir / item.path)
+                    made += len(batch)
+                    bar.set_postfix(shard=shard, refresh=False)
+                    bar.update(len(batch))
+                atomic_write_parquet(_manifest_rows(cfg, items), part_path(output_dir, shard))
     state.wait_for_everyone()
     if state.is_main_process:
         merged = read_parts(output_dir / "manifest")

@@ -36,6 +36,7 @@ import pandas as pd
 from .config import require
 from .errors import ConfigError, UserError
 from .io import read_parts
+from .progress import progress, quiet_library_bars
 from .regularization import REGULARIZATION_FORMATS, RegularizationSet, image_values, read_regularization, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ def _image_array(values: list[dict]):
     )
 
 
-def _write_dataset(batches, spec: dict, folder: Path, scratch: Path, embed_images: bool) -> int:
+def _write_dataset(batches, spec: dict, folder: Path, scratch: Path, embed_images: bool, bar) -> int:
     """Stream record batches into an Arrow file, then ``save_to_disk`` it (images never all in memory).
 
     ``save_to_disk`` copies the files behind Image paths into the dataset. To keep paths (lazy
@@ -389,6 +390,7 @@ def _write_dataset(batches, spec: dict, folder: Path, scratch: Path, embed_image
     with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_table(pa.Table.from_pydict(batch, schema=schema))
+            bar.update(len(batch["prompt_id"]))
     ds = datasets.Dataset.from_file(str(arrow_file), info=datasets.DatasetInfo(features=features))
     ds.save_to_disk(str(folder))
     n = len(ds)
@@ -482,6 +484,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@quiet_library_bars()
 def build_pairs(cfg: PairsConfig) -> PairsSummary:
     """Read generations + scores (+ a regularisation source), select pairs, write the fine-tune set."""
     if not cfg.generations:
@@ -503,12 +506,12 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     scratch = final.with_name(f".{final.name}.scratch-{os.getpid()}")
+    table = pairwise_table(per_prompt, cfg) if cfg.keep_pairs else None
+    rows = len(pairs) + (0 if reg_rows is None else len(reg_rows)) + (0 if table is None else len(table))
     try:
-        _write_dataset(_set_batches(pairs, reg, reg_rows), FEATURES_SPEC, tmp, scratch, cfg.embed_images)
-        n_pairs = None
-        if cfg.keep_pairs:
-            table = pairwise_table(per_prompt, cfg)
-            n_pairs = _write_dataset(_pair_batches(table), PAIRS_FEATURES_SPEC, tmp / "pairs", scratch, cfg.embed_images)
+        with progress(desc="build-pairs", total=rows, unit="row") as bar:
+            _write_dataset(_set_batches(pairs, reg, reg_rows), FEATURES_SPEC, tmp, scratch, cfg.embed_images, bar)
+            n_pairs = None if table is None else _write_dataset(_pair_batches(table), PAIRS_FEATURES_SPEC, tmp / "pairs", scratch, cfg.embed_images, bar)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     counts = pairs["role"].value_counts().reindex(list(ROLES), fill_value=0).to_dict()

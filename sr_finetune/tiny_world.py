@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .progress import progress, quiet_library_bars
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -65,6 +67,7 @@ def make_shapes_caption_set(out_dir: str | os.PathLike, n: int = 48, size: int =
     return out
 
 
+@quiet_library_bars()
 def make_tiny_world(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write the tiny model, the six tiny scorers and the regularisation set under ``root``."""
     from reward.tiny import make_tiny_rewards
@@ -73,9 +76,12 @@ def make_tiny_world(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
 
     root = Path(root)
     paths = {"model": root / "model", "rewards": root / "rewards", "regularization": root / "regularization"}
-    make_tiny_sd_pipeline(paths["model"], seed=seed)
-    make_tiny_rewards(paths["rewards"], seed=seed)
-    make_shapes_caption_set(paths["regularization"], seed=seed)
+    makers = {"model": make_tiny_sd_pipeline, "rewards": make_tiny_rewards, "regularization": make_shapes_caption_set}
+    with progress(desc="tiny-world", total=len(makers), unit="part") as bar:
+        for name, make in makers.items():
+            bar.set_postfix_str(name)
+            make(paths[name], seed=seed)
+            bar.update()
     return paths
 
 

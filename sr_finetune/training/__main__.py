@@ -11,6 +11,7 @@ import sys
 
 from ..config import load_config
 from ..errors import UserError
+from ..progress import progress_output
 from . import FinetuneConfig, run_finetune
 
 
@@ -21,7 +22,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
     try:
-        summary = run_finetune(load_config(FinetuneConfig, args.config, args.overrides))
+        with progress_output():
+            summary = run_finetune(load_config(FinetuneConfig, args.config, args.overrides))
     except (UserError, FileNotFoundError) as exc:
         print(f"finetune: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from ..progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -277,17 +278,25 @@ def build_cached_table(table, *, accelerator, vae, text_encoder, tokenizer, cfg,
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths = [cache_dir / f"encoded-{fingerprint:016x}-{r:05d}-of-{world:05d}.arrow" for r in range(world)]
     shard = table.shard(num_shards=world, index=rank, contiguous=True)
-    shard.map(
-        encode,
-        batched=True,
-        batch_size=max(cfg.train_batch_size, 8),
-        remove_columns=shard.column_names,
-        features=Features(features),
-        cache_file_name=str(paths[rank]),
-        new_fingerprint=f"{fingerprint:016x}-{rank}",
-        load_from_cache_file=True,
-        desc=f"caching latents/text embeddings [{rank}/{world}]",
-    )
+    reused = len(shard) if paths[rank].exists() else 0  # map then reads the file and encodes nothing
+    desc = f"cache {' and '.join(n for n, on in (('latents', cache_latents), ('text embeddings', cache_text)) if on)} [{rank}/{world}]"
+    with progress(desc=desc, total=len(shard), initial=reused, unit="row", disable=not accelerator.is_local_main_process) as bar:
+
+        def encode_and_count(rows: dict) -> dict:
+            out = encode(rows)
+            bar.update(len(rows["text"]))
+            return out
+
+        shard.map(
+            encode_and_count,
+            batched=True,
+            batch_size=max(cfg.train_batch_size, 8),
+            remove_columns=shard.column_names,
+            features=Features(features),
+            cache_file_name=str(paths[rank]),
+            new_fingerprint=f"{fingerprint:016x}-{rank}",
+            load_from_cache_file=True,
+        )
     accelerator.wait_for_everyone()
     encoded = concatenate_datasets([Dataset.from_file(str(p)) for p in paths])
     base = table.remove_columns(["image"]) if cache_latents else table

@@ -38,6 +38,8 @@ import torch
 from ..config import to_yaml
 from ..distributed import warn_if_single_cpu_launch
 from ..errors import ConfigError, MissingDependencyError, UserError
+from ..progress import progress as progress_bar
+from ..progress import quiet_library_bars
 from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
 from .config import FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts
@@ -264,12 +266,12 @@ def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae,
 # the run
 
 
+@quiet_library_bars()
 def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Fine-tune ``cfg.model`` on the fine-tune set ``cfg.dataset``; save a pipeline into ``cfg.output_dir``."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     from ..models import load_components
 
@@ -370,7 +372,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     start_epoch, skip = progress.epoch, progress.batches_in_epoch
     if skip >= len(loader):
         start_epoch, skip = start_epoch + 1, 0
-    bar = tqdm(total=max_train_steps, initial=progress.global_step, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
+    bar = progress_bar(total=max_train_steps, initial=progress.global_step, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
     start = time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
         if progress.global_step >= max_train_steps:
