@@ -16,19 +16,38 @@ NEGATIVE_TOKEN = "t@y quality"  # the Social Reward token the fine-tuned models 
 SIX_METRICS = ["social_reward", "clip", "aesthetic", "hpsv2", "imagereward", "pickscore"]
 UNITS = ("image", "prompt")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_SOURCE = "set either path (a pipeline folder or hub id) or images (an image table or a generations folder)"
 
 
 @dataclass
 class ModelSpec:
-    """One model to evaluate: a diffusers pipeline folder or hub id."""
+    """One model to evaluate: a diffusers pipeline folder or hub id (``path``) that generates every
+    prompt set, or images that already exist (``images``; see ``eval/existing_images.py``)."""
 
     path: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None
     negative_prompt: Optional[str] = None  # the baseline is sampled without one
+    # existing images instead of a pipeline: an image table (csv/tsv/parquet/json/jsonl) or a generations folder
+    images: Optional[str] = None
+    image_root: Optional[str] = None  # folder the table's relative paths start from (default: the table's folder)
+    path_column: str = "path"
+    prompt_column: str = "prompt"
+    index_column: Optional[str] = None  # image index per prompt; default: "index" if present, else the order of a prompt's rows
+    prompt_id_column: Optional[str] = None  # set to match by prompt id (the prompt sets' ids) instead of prompt text
 
     def validate(self) -> None:
-        require(bool(self.path), "path", "set it to a pipeline folder or hub id")
+        require(bool(self.path) != bool(self.images), "path", MODEL_SOURCE)
+
+    @property
+    def generated(self) -> bool:
+        """Whether this model generates its images here (a pipeline) rather than bringing them."""
+        return bool(self.path)
+
+    def describe(self) -> str:
+        if self.generated:
+            return f"{self.path} (negative prompt: {self.negative_prompt or 'none'!r})"
+        return f"existing images {self.images}, matched by prompt {'id' if self.prompt_id_column else 'text'} and image index"
 
 
 @dataclass
@@ -95,7 +114,7 @@ class EvaluateConfig:
         for name, spec in self.finetuned.items():
             require(bool(_NAME.match(name)), f"finetuned.{name}", "a model name must be letters, digits, '.', '_' or '-'")
             require(name != self.baseline_name, f"finetuned.{name}", f"has the baseline's name (baseline_name={self.baseline_name})")
-            require(bool(spec.path), f"finetuned.{name}.path", "set it to a pipeline folder or hub id")
+            require(bool(spec.path) != bool(spec.images), f"finetuned.{name}.path", MODEL_SOURCE)
         for name, spec in self.prompt_sets.items():
             require(bool(_NAME.match(name)), f"prompt_sets.{name}", "a prompt set name must be letters, digits, '.', '_' or '-'")
             require(bool(spec.prompts), f"prompt_sets.{name}.prompts", "set it to a prompt file, a named set (e.g. parti) or a datasets id")
@@ -129,6 +148,10 @@ class EvaluateConfig:
     def scores_dir(self, model: str, prompt_set: str, metric: str) -> str:
         return f"{self.output_dir}/scores/{model}/{prompt_set}/{metric}"
 
+    def existing_images_file(self, model: str, prompt_set: str) -> str:
+        """The matched images of an existing-images model on one prompt set: the scoring stage's input."""
+        return f"{self.output_dir}/images/{model}/{prompt_set}.parquet"
+
     def generate_config(self, model: str, spec: ModelSpec, prompt_set: str) -> GenerateConfig:
         """The generation stage's settings for one model on one prompt set."""
         prompts = self.prompt_sets.get(prompt_set, PromptSetSpec())
@@ -145,10 +168,13 @@ class EvaluateConfig:
         """The scoring stage's settings for one metric of one model on one prompt set."""
         weights = {metric: self.weights[metric]} if metric in self.weights else {}
         options = {metric: self.options[metric]} if metric in self.options else {}
-        return self._score_config([metric], weights, options, self.generations_dir(model, prompt_set), self.scores_dir(model, prompt_set, metric))
+        if self.models()[model].generated:
+            return self._score_config([metric], weights, options, self.generations_dir(model, prompt_set), self.scores_dir(model, prompt_set, metric))
+        return self._score_config([metric], weights, options, None, self.scores_dir(model, prompt_set, metric), self.existing_images_file(model, prompt_set))
 
-    def _score_config(self, metrics: list[str], weights: dict, options: dict, generations: str, output_dir: str) -> ScoreConfig:
+    def _score_config(self, metrics: list[str], weights: dict, options: dict, generations: str | None, output_dir: str, image_table: str | None = None) -> ScoreConfig:
         return ScoreConfig(
-            generations=generations, output_dir=output_dir, metrics=list(metrics), weights=dict(weights), options=dict(options),
-            batch_size=self.score_batch_size, num_workers=self.num_workers, rows_per_part=self.rows_per_part, device=self.device, dtype=self.score_dtype,
+            generations=generations, image_table=image_table, id_column="image_id" if image_table else None, output_dir=output_dir, metrics=list(metrics),
+            weights=dict(weights), options=dict(options), batch_size=self.score_batch_size, num_workers=self.num_workers, rows_per_part=self.rows_per_part,
+            device=self.device, dtype=self.score_dtype,
         )

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .config import EvaluateConfig
 from .examples import extreme_pairs, grid_prompt_ids
+from .existing_images import Matched
 from .plots import means_figure, win_rate_figure
 from .stats import DEFINITIONS
 
@@ -169,13 +170,17 @@ def _grids(cfg: EvaluateConfig, scores: pd.DataFrame, thumbs: Thumbnails) -> tup
         for prompt_id in grid_prompt_ids(scores, cfg.baseline_name, prompt_set, cfg.grid_prompts):
             rows = scores[(scores.prompt_set == prompt_set) & (scores.prompt_id == prompt_id)].sort_values("index")
             prompt = rows.prompt.iloc[0]
-            seeds = list(dict.fromkeys(rows.seed))
-            table = Table(["model", *[f"image {k}, seed {s}" for k, s in enumerate(seeds)]])
+            base = rows[rows.model == cfg.baseline_name].set_index("index")
+            table = Table(["model", *[f"image {k}" + ("" if pd.isna(s) else f", seed {s}") for k, s in base.seed.items()]])
             for model in models:
-                mine = rows[rows.model == model]
+                mine = rows[rows.model == model].set_index("index")
                 cells = [Cell.text(model)]
-                for _, r in mine.iterrows():
-                    cells.append(Cell(thumbs.figure(r.path, f"{cfg.metrics[0]} {fmt(r[cfg.metrics[0]], 3)}", _score_title(r, cfg.metrics)), f"![{model} {r['index']}]({r.path})", "c"))
+                for k in base.index:
+                    r = mine.loc[k] if k in mine.index else None
+                    if r is None or pd.isna(r.path):
+                        cells.append(Cell('<span class="small">no image</span>', "no image", "c"))
+                        continue
+                    cells.append(Cell(thumbs.figure(r.path, f"{cfg.metrics[0]} {fmt(r[cfg.metrics[0]], 3)}", _score_title(r, cfg.metrics)), f"![{model} {k}]({r.path})", "c"))
                 table.rows.append(cells)
             parts_html.append(f'<p><span class="prompt">“{html.escape(prompt)}”</span> <span class="small">(prompt {html.escape(str(prompt_id))})</span></p>{table.to_html()}')
             parts_md.append(f"*{prompt}* (prompt {prompt_id})\n\n{table.to_markdown()}\n")
@@ -215,21 +220,51 @@ def _setup(cfg: EvaluateConfig, scores: pd.DataFrame) -> Table:
     table = Table(["item", "value"], left=2)
     for name, spec in cfg.models().items():
         role = "baseline" if name == cfg.baseline_name else "fine-tuned"
-        table.rows.append([Cell.text(f"{role}: {name}"), Cell.text(f"{spec.path} (negative prompt: {spec.negative_prompt or 'none'!r})")])
+        table.rows.append([Cell.text(f"{role}: {name}"), Cell.text(spec.describe())])
     for name, spec in cfg.prompt_sets.items():
         n = scores.loc[(scores.prompt_set == name) & (scores.model == cfg.baseline_name), "prompt_id"].nunique()
         table.rows.append([Cell.text(f"prompt set: {name}"), Cell.text(f"{spec.prompts}: {plural(n, 'prompt')} x {plural(cfg.images_per_prompt, 'image')}")])
-    sampling = f"{cfg.scheduler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}, seed {cfg.seed} (image k of prompt p: same seed for every model)"
+    sampling = f"{cfg.scheduler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}, seed {cfg.seed} (image k of prompt p: same seed for every generated model)"
     table.rows.append([Cell.text("sampling"), Cell.text(sampling)])
     table.rows.append([Cell.text("metrics"), Cell.text(", ".join(cfg.metrics))])
     table.rows.append([Cell.text("intervals"), Cell.text(f"{cfg.confidence:.0%} percentile bootstrap, {cfg.bootstrap_samples} resamples of prompts, seed {cfg.bootstrap_seed}")])
     return table
 
 
-def caveats(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame) -> list[str]:
-    """What a reader must know before trusting the numbers."""
+def gap_table(matched: Matched) -> Table:
+    """Per existing-images model and prompt set: image slots asked for, found, missing, extra."""
+    table = Table(["model", "prompt set", "source", "prompts", "images asked for", "found", "prompts without images", "images missing", "extra images (left out)"], left=3)
+    for r in matched.gaps.itertuples():
+        values = [r.model, r.prompt_set, matched.sources[r.model]["images"], r.prompts, r.images_expected, r.images_found, r.missing_prompts, r.missing_images, r.extra_images]
+        cells = [Cell.text(v) for v in values]
+        cells[7].css = "loss" if r.missing_images else ""
+        table.rows.append(cells)
+    return table
+
+
+def gap_notes(matched: Matched) -> list[str]:
+    """The gaps of the models given as existing images, and the table rows they could not use."""
     notes = []
-    negatives = {name: spec.negative_prompt for name, spec in cfg.models().items() if spec.negative_prompt}
+    for r in matched.gaps[(matched.gaps.missing_images > 0) | (matched.gaps.extra_images > 0)].itertuples():
+        extra = f"; {plural(r.extra_images, 'extra image')} beyond {r.images_expected // r.prompts} per prompt left out" if r.extra_images else ""
+        notes.append(f"Gap: {r.model} has {r.images_found} of {r.images_expected} images on {r.prompt_set} ({plural(r.missing_prompts, 'prompt')} without any image, "
+                     f"{plural(r.missing_images, 'image')} missing); the missing images are counted in 'missing' and their pairs left out{extra}.")
+    for model, source in matched.sources.items():
+        left_out = {"with a prompt in no prompt set": source["rows_in_no_prompt_set"], **{f"with {k}": v for k, v in source["unusable_rows"].items()}}
+        if any(left_out.values()):
+            listed = ", ".join(f"{n} {reason}" for reason, n in left_out.items() if n)
+            notes.append(f"{model}: {sum(left_out.values())} of {source['table_rows']} rows of {source['images']} are not used ({listed}).")
+    return notes
+
+
+def caveats(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, matched: Matched | None = None) -> list[str]:
+    """What a reader must know before trusting the numbers."""
+    notes = gap_notes(matched) if matched is not None else []
+    existing = [name for name, spec in cfg.models().items() if not spec.generated]
+    if existing:
+        notes.append(f"{', '.join(existing)}: existing images, paired with the other models by prompt and image index, not by seed; "
+                     "their sampler settings and negative prompts are whatever made them.")
+    negatives = {name: spec.negative_prompt for name, spec in cfg.models().items() if spec.negative_prompt and spec.generated}
     if negatives:
         listed = ", ".join(f"{n} uses {v!r}" for n, v in negatives.items())
         notes.append(f"Models are sampled with different negative prompts ({listed}); the comparison includes that inference-time difference.")
@@ -239,24 +274,27 @@ def caveats(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame) -> l
         if n < FEW_PROMPTS:
             notes.append(f"Prompt set {name} has only {plural(n, 'prompt')}: its intervals and p-values are rough (a bootstrap interval can even shrink to a point, "
                          "e.g. [100%, 100%] when every prompt is won); use at least a few hundred prompts for decisions.")
-    missing = means[means.missing > 0]
-    if len(missing):
-        worst = missing.sort_values("missing", ascending=False).iloc[0]
-        notes.append(f"{int(missing.missing.sum())} image scores are missing (e.g. {worst.missing} for {worst.model} / {worst.prompt_set} / {worst.metric}); those images are left out.")
+    images = scores[scores.path.notna()]  # the slots without an image are the gaps above
+    unscored = images[cfg.metrics].isna().groupby([images.model, images.prompt_set], sort=False).sum().stack()
+    if unscored.sum():
+        (model, prompt_set, metric), worst = unscored.idxmax(), unscored.max()
+        notes.append(f"{int(unscored.sum())} image scores are missing (e.g. {worst} for {model} / {prompt_set} / {metric}); those images are left out.")
     notes.append("Per-image p-values treat the images of one prompt as independent and so overstate significance; prefer the per-prompt unit.")
     return notes
 
 
-def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins: pd.DataFrame, figures: dict[str, bytes]) -> tuple[str, str]:
+def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins: pd.DataFrame, figures: dict[str, bytes], matched: Matched | None = None) -> tuple[str, str]:
     """(HTML, Markdown) of the report."""
     root = Path(cfg.output_dir)
     thumbs = Thumbnails(root, cfg.thumbnail_size)
     metrics = list(cfg.metrics)
     grids_html, grids_md = _grids(cfg, scores, thumbs)
     examples_html, examples_md = _examples(cfg, scores, thumbs)
-    notes = caveats(cfg, scores, means)
-    lead = (f"{', '.join(cfg.finetuned)} vs {cfg.baseline_name} ({cfg.baseline.path}): {plural(len(cfg.prompt_sets), 'prompt set')}, "
-            f"{plural(cfg.images_per_prompt, 'image')} per prompt with the same seeds for every model, {plural(len(metrics), 'metric')}.")
+    notes = caveats(cfg, scores, means, matched)
+    existing = matched is not None and bool(matched.sources)
+    lead = (f"{', '.join(cfg.finetuned)} vs {cfg.baseline_name} ({cfg.baseline.path or cfg.baseline.images}): {plural(len(cfg.prompt_sets), 'prompt set')}, "
+            f"{plural(cfg.images_per_prompt, 'image')} per prompt with the same seeds for every {'generated ' if existing else ''}model, {plural(len(metrics), 'metric')}.")
+    gaps = gap_table(matched) if existing else None
     ties = "Ties are counted separately, so win rate + loss rate < 100% when there are ties."
     tinted = "Tinted cells: sign test p < 0.05 (green: more wins, red: more losses). " + ties
     plots = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in figures.items()}
@@ -268,7 +306,7 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
         f"<h1>{html.escape(cfg.title)}</h1><p>{html.escape(lead)}</p>",
         "<nav>" + "".join(f'<a href="#{anchor}">{html.escape(title)}</a>' for anchor, title in SECTIONS) + "</nav>",
         "".join(f'<div class="note">{html.escape(n)}</div>' for n in notes),
-        f'<h2 id="setup">Setup</h2>{setup.to_html()}',
+        f'<h2 id="setup">Setup</h2>{setup.to_html()}' + (f"<h3>Existing images matched to the prompt sets</h3>{gaps.to_html()}" if gaps else ""),
         f'<h2 id="means">1. Mean scores</h2><p class="small">Mean over images; in brackets the {cfg.confidence:.0%} bootstrap interval over prompts.</p>{means_t.to_html()}',
         f'<h2 id="win-rates">2. Win rates of the fine-tuned models over {html.escape(cfg.baseline_name)}</h2><p class="small">{html.escape(tinted)}</p>',
         f"<h3>Per prompt (mean of its {plural(cfg.images_per_prompt, 'same-seed image')})</h3>{win_tables['prompt'].to_html()}",
@@ -284,7 +322,7 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
 
     md = [
         f"# {cfg.title}\n", lead + "\n", *[f"> **Note.** {n}\n" for n in notes],
-        "## Setup\n", setup.to_markdown() + "\n",
+        "## Setup\n", setup.to_markdown() + "\n", *([f"### Existing images matched to the prompt sets\n\n{gaps.to_markdown()}\n"] if gaps else []),
         f"## 1. Mean scores\n\nMean over images; in brackets the {cfg.confidence:.0%} bootstrap interval over prompts.\n", means_t.to_markdown() + "\n",
         f"## 2. Win rates of the fine-tuned models over {cfg.baseline_name}\n\n{ties}\n",
         f"### Per prompt (mean of its {plural(cfg.images_per_prompt, 'same-seed image')})\n", win_tables["prompt"].to_markdown() + "\n",
@@ -297,14 +335,14 @@ def render(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins:
     return page, "\n".join(md)
 
 
-def write_report(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins: pd.DataFrame) -> Path:
+def write_report(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, wins: pd.DataFrame, matched: Matched | None = None) -> Path:
     """Write ``report.html``, ``report.md`` and ``figures/*.png`` under ``output_dir``; return the HTML path."""
     root = Path(cfg.output_dir)
     figures = {"means": means_figure(means, list(cfg.models()), cfg.confidence), "win_rates": win_rate_figure(wins, cfg.confidence)}
     (root / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in figures.items():
         (root / "figures" / f"{name}.png").write_bytes(png)
-    page, md = render(cfg, scores, means, wins, figures)
+    page, md = render(cfg, scores, means, wins, figures, matched)
     (root / "report.md").write_text(md, encoding="utf-8")
     (root / "report.html").write_text(page, encoding="utf-8")
     return root / "report.html"

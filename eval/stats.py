@@ -34,14 +34,14 @@ WIN_COLUMNS = [
     "win_rate", "tie_rate", "loss_rate", "ci_low", "ci_high", "p_value", "mean_diff", "diff_ci_low", "diff_ci_high",
 ]
 DEFINITIONS = {
-    "pair": "image k of prompt p from a fine-tuned model and from the baseline, made with the same seed",
+    "pair": "image k of prompt p from a fine-tuned model and from the baseline, made with the same seed (for a model given as existing images: its image k of prompt p)",
     "image unit": "each same-seed pair is one comparison: fine-tuned score >, = or < baseline score",
     "prompt unit": "each prompt is one comparison, of the mean scores of its paired images",
     "rates": "win rate = wins / n, tie rate = ties / n, loss rate = losses / n; ties are not split",
     "confidence interval": "percentile bootstrap over prompts resampled with replacement (a prompt's images move together); the same resamples for every model and metric of a prompt set",
     "p-value": "exact two-sided sign test of wins vs losses, ties left out; the image unit treats images of one prompt as independent, so the prompt unit's p-value is the conservative one",
     "mean difference": "mean of fine-tuned minus baseline score over pairs (image unit) or over prompt means (prompt unit)",
-    "unscored images": "an image that could not be scored is left out of the means and its pair out of the win rates (see 'missing')",
+    "unscored images": "an image that could not be scored, or one a model given as existing images lacks (a gap), is left out of the means and its pair out of the win rates (see 'missing')",
 }
 # Prompt means count as tied when they differ by float rounding only (sums in different orders).
 _PROMPT_TIE_RTOL = 1e-12

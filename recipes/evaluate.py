@@ -8,8 +8,10 @@ fine-tuned models use the negative token as negative prompt), every image is sco
 metric, then ``<output_dir>`` gets ``scores.parquet``, ``tables/means.csv``,
 ``tables/win_rates.csv``, ``results.json``, ``report.md`` and a self-contained ``report.html``.
 Generation and scoring run as the generate and score stages do (sharded across processes,
-resumable); rerunning reuses every finished image and score. Settings: ``EvaluateConfig`` in
-``eval/config.py``; statistics: ``eval/stats.py``.
+resumable); rerunning reuses every finished image and score. A model may also be images that
+already exist (``images:`` an image table or a generations folder instead of ``path:``), matched
+by prompt and image index, with what is missing counted as gaps (``eval/existing_images.py``).
+Settings: ``EvaluateConfig`` in ``eval/config.py``; statistics: ``eval/stats.py``.
 """
 
 import sys

@@ -74,6 +74,17 @@ class ScoreConfig:
         require(not unknown, "weights", f"weights given for metrics not requested: {sorted(unknown)}")
 
 
+def read_table_file(table: Path) -> pd.DataFrame:
+    """An image table as it is in the file (csv, tsv, parquet, json or jsonl)."""
+    if not table.is_file():
+        raise UserError(f"image table not found: {table}")
+    suffix = table.suffix.lower()
+    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
+    if suffix not in readers:
+        raise UserError(f"{table}: unsupported image table type '{suffix}' (csv, tsv, parquet, json, jsonl)")
+    return readers[suffix](table)
+
+
 def read_image_table(cfg: ScoreConfig) -> pd.DataFrame:
     """Rows ``image_id, prompt, path`` (absolute paths) from a generations folder or an image table."""
     if bool(cfg.generations) == bool(cfg.image_table):
@@ -84,13 +95,7 @@ def read_image_table(cfg: ScoreConfig) -> pd.DataFrame:
         df = read_manifest(cfg.generations)
         return df[["image_id", "prompt", "path"]].reset_index(drop=True)
     table = Path(cfg.image_table)
-    if not table.is_file():
-        raise UserError(f"image table not found: {table}")
-    suffix = table.suffix.lower()
-    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
-    if suffix not in readers:
-        raise UserError(f"{table}: unsupported image table type '{suffix}' (csv, tsv, parquet, json, jsonl)")
-    df = readers[suffix](table)
+    df = read_table_file(table)
     for column in (cfg.path_column, cfg.prompt_column):
         if column not in df.columns:
             raise UserError(f"{table}: no column '{column}' (columns: {', '.join(map(str, df.columns))})")
