@@ -31,6 +31,14 @@ def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_rewards(tmp_path_factory) -> dict:
+    """Tiny weights of the six scorers, written once per test session; ``reward.tiny``'s settings."""
+    from reward.tiny import make_tiny_rewards
+
+    return make_tiny_rewards(tmp_path_factory.mktemp("tiny_rewards") / "rewards")
+
+
 def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
     """Real generated images of ../shared/data/images (PNG, JPEG and WEBP, spread over formats)."""
     files = sorted(p for p in (shared_data / "images").rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})

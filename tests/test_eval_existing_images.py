@@ -17,7 +17,7 @@ from eval.existing_images import read_existing_images
 from eval.harness import _check_paired
 from sr_finetune.cli import main
 
-METRICS = ["clip", "aesthetic"]
+METRICS = ["clip"]
 NOBODY = "a prompt no model drew"
 
 
@@ -53,11 +53,8 @@ def sid(shared_data):
 
 
 @pytest.fixture(scope="module")
-def evaluation(tmp_path_factory, tiny_sd, sid):
-    from reward.tiny import make_tiny_rewards
-
+def evaluation(tmp_path_factory, tiny_sd, tiny_rewards, sid):
     root = tmp_path_factory.mktemp("existing")
-    rewards = make_tiny_rewards(root / "rewards")
     p1, p2, p3, p4, p5, dog = sid["prompts"][:6]
     (root / "prompts.txt").write_text("\n".join([p1, p2, p3, p4, p5, NOBODY]) + "\n")
     # team_a: a csv of SD 2.1-base + SD 1.5 images (image k = k-th row of a prompt); p3 has one image,
@@ -83,7 +80,7 @@ def evaluation(tmp_path_factory, tiny_sd, sid):
                       "last_month": {"images": str(gen)}},
         "prompt_sets": {"sid": {"prompts": str(root / "prompts.txt")}},
         "output_dir": str(root / "out"), "images_per_prompt": 2, "steps": 2, "height": 32, "width": 32, "batch_size": 12, "device": "cpu",
-        "metrics": METRICS, "weights": {m: rewards["weights"][m] for m in METRICS}, "options": {m: rewards["options"][m] for m in METRICS if m in rewards["options"]},
+        "metrics": METRICS, "weights": {m: tiny_rewards["weights"][m] for m in METRICS},
         "num_workers": 0, "bootstrap_samples": 200, "grid_prompts": 6, "examples_per_metric": 1, "thumbnail_size": 64,
     }
     config = root / "eval.yaml"
