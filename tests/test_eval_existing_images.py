@@ -16,6 +16,7 @@ from eval.config import ModelSpec
 from eval.existing_images import read_existing_images
 from eval.harness import _check_paired
 from sr_finetune.cli import main
+from sr_finetune.errors import UserError
 
 METRICS = ["clip"]
 NOBODY = "a prompt no model drew"
@@ -175,13 +176,13 @@ def test_rerun_reuses_scores_and_a_changed_table_is_refused(evaluation, capsys):
 
 def test_a_slot_given_twice_is_an_error_naming_both_rows(tmp_path):
     pd.DataFrame({"prompt": ["a cat", "a dog", "a cat"], "path": ["x.png", "y.png", "z.png"], "index": [0, 0, 0]}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(Exception, match=r"t.csv: rows 0 and 2 are both image 0 of prompt 'a cat'"):
+    with pytest.raises(UserError, match=r"t.csv: rows 0 and 2 are both image 0 of prompt 'a cat'"):
         read_existing_images(ModelSpec(images=str(tmp_path / "t.csv")))
 
 
-def test_a_table_without_the_path_column_is_an_error_naming_it(tmp_path, capsys):
+def test_a_table_without_the_path_column_is_an_error_naming_it(tmp_path):
     pd.DataFrame({"prompt": ["a cat"], "file": ["x.png"]}).to_json(tmp_path / "t.jsonl", orient="records", lines=True)
-    with pytest.raises(Exception, match=r"t.jsonl: no column 'path' \(columns: prompt, file\)"):
+    with pytest.raises(UserError, match=r"t.jsonl: no column 'path' \(columns: prompt, file\)"):
         read_existing_images(ModelSpec(images=str(tmp_path / "t.jsonl")))
 
 
