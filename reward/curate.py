@@ -606,6 +606,8 @@ def run_curation(cfg: CurateConfig, content_filter: Optional[Callable[[pd.DataFr
     start = time.perf_counter()
     logs = read_logs(cfg)
     triplets, stats = curate_triplets(logs, cfg, content_filter)
+    if triplets.empty:
+        raise CurationError(f"no triplets: no positive prompt has both a positive and a negative ({stats['funnel']['positive_prompts']} positive prompts; skipped: {_reasons(stats['skipped'])})")
     root = cfg.image_root or Path(cfg.images).parent
     for column in ("pos_path", "neg_path"):
         triplets[column] = resolve_paths(triplets[column], root).to_pandas()
