@@ -132,7 +132,8 @@ def _header(path: Path, delimiter: str) -> list[str]:
 
 
 def read_log_table(source: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (), string_columns: Sequence[str] = ()) -> pa.Table:
-    """The ``required`` (+ present ``optional``) columns of a parquet or CSV/TSV log; ids as strings.
+    """The ``required`` (+ present ``optional``) columns of a parquet or CSV/TSV log;
+    ``string_columns`` are ids or text (integers become strings).
 
     A missing file or column is a one-line error naming both."""
     import pyarrow.csv as pcsv
@@ -160,12 +161,23 @@ def read_log_table(source: str | os.PathLike, required: Sequence[str], optional:
             table = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","), convert_options=convert)
     except (pa.ArrowInvalid, OSError) as exc:
         raise CurationError(f"{path}: cannot read: {str(exc).splitlines()[0]}") from None
-    for name in string_columns:
-        if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+    return _with_strings(table, string_columns, str(path))
+
+
+def _with_strings(table: pa.Table, names: Sequence[str], source: str) -> pa.Table:
+    """``table`` with each of ``names`` as one string (or dictionary-of-string) array."""
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = _flat(table[name])
+        if pa.types.is_dictionary(column.type) and not pa.types.is_string(column.type.value_type):
+            column = column.dictionary_decode()
+        if not (pa.types.is_string(column.type) or pa.types.is_dictionary(column.type)):
             try:
-                table = table.set_column(table.column_names.index(name), name, pc.cast(table[name], pa.string()))
+                column = pc.cast(column, pa.string())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise CurationError(f"{path}: column '{name}' must hold ids (strings or integers), got {table.schema.field(name).type}") from None
+                raise CurationError(f"{source}: column '{name}' must hold ids or text (strings or integers), got {column.type}") from None
+        table = table.set_column(table.column_names.index(name), name, column)
     return table
 
 
@@ -187,10 +199,48 @@ def _flat(column) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
+def _plain(column) -> pa.Array:
+    """A string column without dictionary encoding."""
+    column = _flat(column)
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def _codes(column) -> tuple[np.ndarray, pa.Array]:
+    """(code of every row, -1 for null; the distinct values) of a string or dictionary column."""
+    column = _flat(column)
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    return pc.fill_null(column.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64), column.dictionary
+
+
 def _blank(column) -> np.ndarray:
-    """True where a string column is null or only whitespace."""
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
-    return pc.fill_null(pc.or_kleene(pc.is_null(column), empty), True).to_numpy(zero_copy_only=False)
+    """True where a string column is null, empty or only whitespace (dictionaries: checked per value)."""
+    column = _flat(column)
+    if pa.types.is_dictionary(column.type):
+        codes, values = _codes(column)
+        return np.append(_blank(values), True)[codes]  # code -1 (null) -> the appended True
+    empty = pc.or_kleene(pc.equal(pc.binary_length(column), 0), pc.utf8_is_space(column))
+    return pc.fill_null(empty, True).to_numpy(zero_copy_only=False)
+
+
+def _lookup(column, universe: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each value of a string column in ``universe`` (distinct strings) and whether it is there
+    (a dictionary's values are looked up once each)."""
+    column = _flat(column)
+    if not pa.types.is_dictionary(column.type):
+        return _index_in(column, universe)
+    codes, values = _codes(column)
+    where, found = _index_in(values, universe)
+    return np.append(where, 0)[codes], np.append(found, False)[codes]
+
+
+def _is_in(column, value_set: pa.Array) -> np.ndarray:
+    """Whether each value of a string column is in ``value_set`` (a dictionary's values are tested once each)."""
+    column = _flat(column)
+    if not pa.types.is_dictionary(column.type):
+        return pc.fill_null(pc.is_in(column, value_set=value_set), False).to_numpy(zero_copy_only=False)
+    codes, values = _codes(column)
+    return np.append(pc.is_in(values, value_set=value_set).to_numpy(zero_copy_only=False), False)[codes]
 
 
 def _epoch_ns(column, source: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -291,8 +341,9 @@ def _valid_images(logs: Logs, cfg: CurateConfig, skipped: dict) -> tuple[pa.Tabl
     for column in IMAGE_COLUMNS:
         if column not in images.column_names:
             raise CurationError(f"{source}: missing column '{column}' (columns: {', '.join(images.column_names)})")
-    for column in ("image_id", "prompt", "path", "user_id"):
-        images = images.set_column(images.column_names.index(column), column, pc.cast(images[column], pa.string()))
+    images = _with_strings(images, ("image_id", "prompt", "path", "user_id"), source)
+    for column in ("image_id", "path"):  # per-row values: no dictionary
+        images = images.set_column(images.column_names.index(column), column, _plain(images[column]))
     keep = np.ones(images.num_rows, dtype=bool)
     for column in ("image_id", "prompt", "path"):
         bad = _blank(images[column]) & keep
@@ -303,10 +354,13 @@ def _valid_images(logs: Logs, cfg: CurateConfig, skipped: dict) -> tuple[pa.Tabl
     keep &= valid
     rows = np.flatnonzero(keep)
     ids = _flat(images["image_id"]).take(pa.array(rows))
-    codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
-    _, first = np.unique(codes, return_index=True)
-    skipped["duplicate_image_rows"] = int(len(rows) - len(first))
-    rows = rows[np.sort(first)]
+    codes, distinct = _codes(ids)
+    if len(distinct) < len(rows):
+        _, first = np.unique(codes, return_index=True)
+        skipped["duplicate_image_rows"] = int(len(rows) - len(first))
+        rows = rows[np.sort(first)]
+    if len(rows) == images.num_rows:
+        return images, posted
     return images.take(pa.array(rows)), posted[rows]
 
 
@@ -315,15 +369,16 @@ def _event_images(events: pa.Table, columns: Sequence[str], image_ids: pa.Array,
     for column in columns:
         if column not in events.column_names:
             raise CurationError(f"{source}: missing column '{column}' (columns: {', '.join(events.column_names)})")
+    events = _with_strings(events, [c for c in columns if c != "at"], source)
     keep = np.ones(events.num_rows, dtype=bool)
     for column in columns:
         if column != "at":
-            keep &= ~_blank(pc.cast(events[column], pa.string()))
+            keep &= ~_blank(events[column])
     skipped[f"{kind}_missing_value"] = int((~keep).sum())
     at, valid = _epoch_ns(events["at"], source, "at")
     skipped[f"{kind}_bad_at"] = int((keep & ~valid).sum())
     keep &= valid
-    row, found = _index_in(pc.cast(events["image_id"], pa.string()), image_ids)
+    row, found = _lookup(events["image_id"], image_ids)
     skipped[f"{kind}_unknown_image"] = int((keep & ~found).sum())
     keep &= found
     return row, at, keep
@@ -357,7 +412,7 @@ def _flags(images: pa.Table, rows: np.ndarray, role: str, cfg: CurateConfig, con
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise CurationError(f"{source}: filter column '{cfg.filter_column}' must be boolean, got {column.type}") from None
     if content_filter is not None and len(rows):
-        frame = images.select(["image_id", "prompt", "path", "user_id"]).take(pa.array(rows)).to_pandas().assign(role=role)
+        frame = pd.DataFrame({c: _plain(images[c]).take(pa.array(rows)).to_pandas() for c in ("image_id", "prompt", "path", "user_id")}).assign(role=role)
         result = np.asarray(content_filter(frame), dtype=bool)
         if result.shape != (len(rows),):
             raise CurationError(f"content_filter returned shape {result.shape}, expected ({len(rows)},): one flag per image")
@@ -385,7 +440,6 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
     skipped["remix_events_before_post"] = int(early.sum())
     keep &= ~early
     row, at = row[keep], at[keep]
-    remixers = _flat(pc.cast(remixes["remixer_user_id"], pa.string())).filter(pa.array(keep))
     in_window = np.ones(len(row), dtype=bool) if cfg.remix_window_days is None else (at - posted[row]) <= cfg.remix_window_days * NS_PER_DAY
     window_count = np.bincount(row[in_window], minlength=n)
     remix_count = np.bincount(row, minlength=n)
@@ -393,11 +447,14 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
     np.minimum.at(first_remix, row, at)
 
     influencers = pa.array(logs.influencers, type=pa.string())
-    users = pa.concat_arrays([_flat(images["user_id"]), remixers]).drop_null()
-    unknown = influencers.filter(pc.invert(pc.is_in(influencers, value_set=pc.unique(users)))).to_pylist() if len(influencers) else []
+    remixers = _with_strings(remixes, ["remixer_user_id"], logs.sources["remixes"])["remixer_user_id"]
+    remixed_by = _is_in(remixers, influencers)
+    created_by = _is_in(images["user_id"], influencers)
+    known = set(_plain(_flat(remixers).filter(pa.array(remixed_by))).unique().to_pylist()) | set(_plain(_flat(images["user_id"]).filter(pa.array(created_by))).unique().to_pylist())
+    unknown = [i for i in logs.influencers if i not in known]
     if unknown:
         logger.warning("curate: %d influencer id(s) are no user of the logs (not an image creator nor a remixer), e.g. %s", len(unknown), unknown[:5])
-    by_influencer = pc.is_in(remixers, value_set=influencers).to_numpy(zero_copy_only=False) if len(influencers) else np.zeros(len(row), dtype=bool)
+    by_influencer = remixed_by[keep]
     influencer_count = np.bincount(row[in_window & by_influencer], minlength=n)
 
     # positives
@@ -414,10 +471,10 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
         )
 
     # exposure threshold over the positives' prompts
-    prompt_text = pc.utf8_trim_whitespace(_flat(images["prompt"]))
-    encoded = pc.dictionary_encode(prompt_text)
-    prompt_code = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    prompt_dict = encoded.dictionary
+    codes, texts = _codes(images["prompt"])
+    trimmed = pc.dictionary_encode(pc.utf8_trim_whitespace(texts))  # "a cat " and "a cat" are one prompt
+    prompt_code = trimmed.indices.to_numpy(zero_copy_only=False).astype(np.int64)[codes]
+    prompt_dict = trimmed.dictionary
     positive_prompt = np.zeros(len(prompt_dict), dtype=bool)
     positive_prompt[prompt_code[positive]] = True
     in_positive_prompts = positive_prompt[prompt_code]
@@ -483,9 +540,9 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
         }
     ).to_pandas()
 
-    creators = _flat(images["user_id"])
+    creators = _plain(images["user_id"])
     stats = {
-        "table": _split_table(triplets, creators, ids, pos_take, neg_take),
+        "table": _split_table(triplets, creators, pos_take, neg_take),
         "thresholds": {
             "remix_window_days": cfg.remix_window_days,
             "content_top_share": cfg.content_top_share if cfg.use_content_signal else None,
@@ -499,7 +556,7 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
         "funnel": {
             "image_rows": image_rows,
             "images": n,
-            "prompts": len(prompt_dict),
+            "prompts": int(np.count_nonzero(np.bincount(prompt_code, minlength=len(prompt_dict)))),
             "remix_events": remixes.num_rows,
             "remix_events_used": int(len(row)),
             "remixed_images": int((remix_count > 0).sum()),
@@ -519,7 +576,7 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
     return triplets[TRIPLET_COLUMNS], stats
 
 
-def _split_table(triplets: pd.DataFrame, creators: pa.Array, ids: pa.Array, pos_rows: np.ndarray, neg_rows: np.ndarray) -> list[dict]:
+def _split_table(triplets: pd.DataFrame, creators: pa.Array, pos_rows: np.ndarray, neg_rows: np.ndarray) -> list[dict]:
     """Table 1's rows: per split and in all, images, positives, negatives, triplets, prompts, users, positive share."""
     split = triplets["split"].to_numpy()
     rows = []
