@@ -420,86 +420,70 @@ def _flags(images: pa.Table, rows: np.ndarray, role: str, cfg: CurateConfig, con
     return flagged
 
 
-def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Callable[[pd.DataFrame], Sequence[bool]]] = None) -> tuple[pd.DataFrame, dict]:
-    """The triplet table (``TRIPLET_COLUMNS``, paths as in the log) and the statistics of the run.
+@dataclass
+class RemixCounts:
+    """Per image (rows of the valid images table): remix counts and the first remix time."""
 
-    ``content_filter`` gets a frame of candidate images (``image_id, prompt, path, user_id, role``)
-    and returns one flag per row; flagged images are dropped like ``filter_column``'s."""
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
-    image_rows = logs.images.num_rows
-    images, posted = _valid_images(logs, cfg, skipped)
+    window: np.ndarray  # remixes within the window
+    influencer: np.ndarray  # influencers' remixes within the window
+    total: np.ndarray  # remixes at any time
+    first: np.ndarray  # ns since the epoch of the first remix (int64 max if none)
+    events_used: int
+    unknown_influencers: list[str]
+
+
+def count_remixes(logs: Logs, cfg: CurateConfig, images: pa.Table, posted: np.ndarray, skipped: dict) -> RemixCounts:
+    """Count each image's remix events (bad and pre-posting events are counted skips)."""
     n = images.num_rows
-    if n == 0:
-        raise CurationError(f"{logs.sources['images']}: no usable image rows ({_reasons(skipped)})")
-    ids = _flat(images["image_id"])
-
-    # remix events -> window counts, influencer counts, remixed-at-all, first remix time
-    remixes = logs.remixes
-    row, at, keep = _event_images(remixes, REMIX_COLUMNS, ids, logs.sources["remixes"], "remix_events", skipped)
+    row, at, keep = _event_images(logs.remixes, REMIX_COLUMNS, _flat(images["image_id"]), logs.sources["remixes"], "remix_events", skipped)
     early = keep & (at < posted[row])
     skipped["remix_events_before_post"] = int(early.sum())
     keep &= ~early
-    row, at = row[keep], at[keep]
-    in_window = np.ones(len(row), dtype=bool) if cfg.remix_window_days is None else (at - posted[row]) <= cfg.remix_window_days * NS_PER_DAY
-    window_count = np.bincount(row[in_window], minlength=n)
-    remix_count = np.bincount(row, minlength=n)
-    first_remix = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_remix, row, at)
-
     influencers = pa.array(logs.influencers, type=pa.string())
-    remixers = _with_strings(remixes, ["remixer_user_id"], logs.sources["remixes"])["remixer_user_id"]
+    remixers = _with_strings(logs.remixes, ["remixer_user_id"], logs.sources["remixes"])["remixer_user_id"]
     remixed_by = _is_in(remixers, influencers)
     created_by = _is_in(images["user_id"], influencers)
     known = set(_plain(_flat(remixers).filter(pa.array(remixed_by))).unique().to_pylist()) | set(_plain(_flat(images["user_id"]).filter(pa.array(created_by))).unique().to_pylist())
     unknown = [i for i in logs.influencers if i not in known]
     if unknown:
         logger.warning("curate: %d influencer id(s) are no user of the logs (not an image creator nor a remixer), e.g. %s", len(unknown), unknown[:5])
-    by_influencer = remixed_by[keep]
-    influencer_count = np.bincount(row[in_window & by_influencer], minlength=n)
 
-    # positives
-    k = max(1, math.ceil(cfg.content_top_share * n))
-    content_min = max(1, int(np.partition(window_count, n - k)[n - k]))
-    content = (window_count >= content_min) if cfg.use_content_signal else np.zeros(n, dtype=bool)
-    creator = (influencer_count >= cfg.min_influencer_remixes) if cfg.use_creator_signal else np.zeros(n, dtype=bool)
-    positive = content | creator
-    if not positive.any():
-        raise CurationError(
-            f"no positive image in {logs.sources['images']}: content signal needs >= {content_min} remixes in the window "
-            f"(top {cfg.content_top_share:g} of {n} images; max {int(window_count.max())}), creator signal found {int(influencer_count.sum())} influencer remixes "
-            f"({len(logs.influencers)} influencer ids, {len(unknown)} unknown)"
-        )
+    row, at, by_influencer = row[keep], at[keep], remixed_by[keep]
+    in_window = np.ones(len(row), dtype=bool) if cfg.remix_window_days is None else (at - posted[row]) <= cfg.remix_window_days * NS_PER_DAY
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, row, at)
+    return RemixCounts(
+        window=np.bincount(row[in_window], minlength=n),
+        influencer=np.bincount(row[in_window & by_influencer], minlength=n),
+        total=np.bincount(row, minlength=n),
+        first=first,
+        events_used=len(row),
+        unknown_influencers=unknown,
+    )
 
-    # exposure threshold over the positives' prompts
+
+def content_threshold(window_counts: np.ndarray, top_share: float) -> int:
+    """The remix count of the ``ceil(top_share * n)``-th most remixed image (at least 1): every image
+    at or above it is a content positive, so ties at the threshold are all in."""
+    n = len(window_counts)
+    k = max(1, math.ceil(top_share * n))
+    return max(1, int(np.partition(window_counts, n - k)[n - k]))
+
+
+def prompt_groups(images: pa.Table) -> tuple[np.ndarray, pa.Array]:
+    """(prompt code of every image, the distinct prompts); prompts are compared after trimming whitespace."""
     codes, texts = _codes(images["prompt"])
     trimmed = pc.dictionary_encode(pc.utf8_trim_whitespace(texts))  # "a cat " and "a cat" are one prompt
-    prompt_code = trimmed.indices.to_numpy(zero_copy_only=False).astype(np.int64)[codes]
-    prompt_dict = trimmed.dictionary
-    positive_prompt = np.zeros(len(prompt_dict), dtype=bool)
-    positive_prompt[prompt_code[positive]] = True
-    in_positive_prompts = positive_prompt[prompt_code]
-    views = _views_before_first_remix(logs, cfg, images, first_remix, skipped)
-    known_views = ~np.isnan(views)
-    skipped["images_views_missing"] = int((in_positive_prompts & ~known_views).sum())
-    sample = views[in_positive_prompts & (remix_count > 0) & known_views]
-    if not len(sample):
-        raise CurationError(f"no views-before-first-remix value for any remixed image of the {int(positive_prompt.sum())} positive prompts; check {cfg.views_column if logs.views is None else logs.sources['views']}")
-    exposure = float(np.percentile(sample, cfg.exposure_percentile))
-    negative = in_positive_prompts & (remix_count == 0) & known_views & (views >= exposure)
+    return trimmed.indices.to_numpy(zero_copy_only=False).astype(np.int64)[codes], trimmed.dictionary
 
-    # filters
-    pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(negative)
-    pos_flag = _flags(images, pos_rows, "positive", cfg, content_filter, logs.sources["images"])
-    neg_flag = _flags(images, neg_rows, "negative", cfg, content_filter, logs.sources["images"])
-    skipped["positives_content_filtered"], skipped["negatives_content_filtered"] = int(pos_flag.sum()), int(neg_flag.sum())
-    pos_rows, neg_rows = pos_rows[~pos_flag], neg_rows[~neg_flag]
-    has_pos = np.bincount(prompt_code[pos_rows], minlength=len(prompt_dict)) > 0
-    has_neg = np.bincount(prompt_code[neg_rows], minlength=len(prompt_dict)) > 0
-    skipped["prompts_without_positive"] = int((positive_prompt & ~has_pos).sum())
-    skipped["prompts_without_negative"] = int((has_pos & ~has_neg).sum())
-    kept = np.flatnonzero(has_pos & has_neg)
 
-    # pairs: prompts in prompt_id order, images of a prompt in seeded hash order
+def pair_and_split(images: pa.Table, prompt_code: np.ndarray, prompt_dict: pa.Array, kept: np.ndarray, pos_rows: np.ndarray, neg_rows: np.ndarray, cfg: CurateConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The triplets of the ``kept`` prompts (``TRIPLET_COLUMNS``) and their positive and negative image rows.
+
+    Prompts come in ``prompt_id`` order (a fixed hash of the text); the images of a prompt in the
+    order of a seeded hash of their ids, paired by :func:`balanced_pairs` up to the cap; prompts
+    go to splits by a seeded hash of their text (:func:`_split_of`)."""
+    ids = _flat(images["image_id"])
     kept_text = prompt_dict.take(pa.array(kept))
     prompt_ids = _hex(_hash_strings(kept_text, "sr-prompt-id-v1."))
     order = np.argsort(prompt_ids, kind="stable")
@@ -509,22 +493,18 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
 
     def arrange(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = rows[slot[prompt_code[rows]] >= 0]
-        group = slot[prompt_code[rows]]
         shuffle = _hash_strings(ids.take(pa.array(rows)), _hash_key("image", cfg.seed))
-        rows = rows[np.lexsort((shuffle, group))]
+        rows = rows[np.lexsort((shuffle, slot[prompt_code[rows]]))]
         start, size = _group_bounds(slot[prompt_code[rows]], np.arange(len(kept)))
         return rows, start, size
 
     pos_sorted, pos_start, pos_size = arrange(pos_rows)
     neg_sorted, neg_start, neg_size = arrange(neg_rows)
     group, a, b = balanced_pairs(pos_size, neg_size, cfg.max_triplets_per_prompt)
-    possible = int((pos_size.astype(np.int64) * neg_size).sum())
-    skipped["triplets_over_cap"] = possible - len(group)
     pos_take, neg_take = pos_sorted[pos_start[group] + a], neg_sorted[neg_start[group] + b]
 
     split_rank = np.empty(len(kept), dtype=np.int64)
     split_rank[np.argsort(_hash_strings(kept_text, _hash_key("split", cfg.seed)), kind="stable")] = np.arange(len(kept))
-    split = _split_of(split_rank, cfg)
     g = pa.array(group)
     paths = _flat(images["path"])
     triplets = pa.table(
@@ -536,13 +516,68 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
             "pos_path": paths.take(pa.array(pos_take)),
             "neg_image_id": ids.take(pa.array(neg_take)),
             "neg_path": paths.take(pa.array(neg_take)),
-            "split": pa.array(split, type=pa.string()).take(g),
+            "split": pa.array(_split_of(split_rank, cfg), type=pa.string()).take(g),
         }
-    ).to_pandas()
+    )
+    return triplets.to_pandas(), pos_take, neg_take
 
-    creators = _plain(images["user_id"])
+
+def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Callable[[pd.DataFrame], Sequence[bool]]] = None) -> tuple[pd.DataFrame, dict]:
+    """The triplet table (``TRIPLET_COLUMNS``, paths as in the log) and the statistics of the run.
+
+    ``content_filter`` gets a frame of candidate images (``image_id, prompt, path, user_id, role``)
+    and returns one flag per row; flagged images are dropped like ``filter_column``'s."""
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    images, posted = _valid_images(logs, cfg, skipped)
+    n = images.num_rows
+    if n == 0:
+        raise CurationError(f"{logs.sources['images']}: no usable image rows ({_reasons(skipped)})")
+    remixes = count_remixes(logs, cfg, images, posted, skipped)
+
+    content_min = content_threshold(remixes.window, cfg.content_top_share)
+    content = (remixes.window >= content_min) if cfg.use_content_signal else np.zeros(n, dtype=bool)
+    creator = (remixes.influencer >= cfg.min_influencer_remixes) if cfg.use_creator_signal else np.zeros(n, dtype=bool)
+    positive = content | creator
+    if not positive.any():
+        raise CurationError(
+            f"no positive image in {logs.sources['images']}: content signal needs >= {content_min} remixes in the window "
+            f"(top {cfg.content_top_share:g} of {n} images; max {int(remixes.window.max())}), creator signal found {int(remixes.influencer.sum())} influencer remixes "
+            f"({len(logs.influencers)} influencer ids, {len(remixes.unknown_influencers)} unknown)"
+        )
+
+    # exposure threshold over the positives' prompts
+    prompt_code, prompt_dict = prompt_groups(images)
+    positive_prompt = np.zeros(len(prompt_dict), dtype=bool)
+    positive_prompt[prompt_code[positive]] = True
+    in_positive_prompts = positive_prompt[prompt_code]
+    views = _views_before_first_remix(logs, cfg, images, remixes.first, skipped)
+    known_views = ~np.isnan(views)
+    skipped["images_views_missing"] = int((in_positive_prompts & ~known_views).sum())
+    sample = views[in_positive_prompts & (remixes.total > 0) & known_views]
+    if not len(sample):
+        raise CurationError(f"no views-before-first-remix value for any remixed image of the {int(positive_prompt.sum())} positive prompts; check {cfg.views_column if logs.views is None else logs.sources['views']}")
+    exposure = float(np.percentile(sample, cfg.exposure_percentile))
+    negative = in_positive_prompts & (remixes.total == 0) & known_views & (views >= exposure)
+
+    # filters
+    pos_rows, neg_rows = np.flatnonzero(positive), np.flatnonzero(negative)
+    pos_flag = _flags(images, pos_rows, "positive", cfg, content_filter, logs.sources["images"])
+    neg_flag = _flags(images, neg_rows, "negative", cfg, content_filter, logs.sources["images"])
+    skipped["positives_content_filtered"], skipped["negatives_content_filtered"] = int(pos_flag.sum()), int(neg_flag.sum())
+    pos_rows, neg_rows = pos_rows[~pos_flag], neg_rows[~neg_flag]
+    pos_per_prompt = np.bincount(prompt_code[pos_rows], minlength=len(prompt_dict))
+    neg_per_prompt = np.bincount(prompt_code[neg_rows], minlength=len(prompt_dict))
+    has_pos, has_neg = pos_per_prompt > 0, neg_per_prompt > 0
+    skipped["prompts_without_positive"] = int((positive_prompt & ~has_pos).sum())
+    skipped["prompts_without_negative"] = int((has_pos & ~has_neg).sum())
+    kept = np.flatnonzero(has_pos & has_neg)
+
+    triplets, pos_take, neg_take = pair_and_split(images, prompt_code, prompt_dict, kept, pos_rows, neg_rows, cfg)
+    possible = int((pos_per_prompt * neg_per_prompt)[kept].sum())
+    skipped["triplets_over_cap"] = possible - len(triplets)
+
     stats = {
-        "table": _split_table(triplets, creators, pos_take, neg_take),
+        "table": _split_table(triplets, _plain(images["user_id"]), pos_take, neg_take),
         "thresholds": {
             "remix_window_days": cfg.remix_window_days,
             "content_top_share": cfg.content_top_share if cfg.use_content_signal else None,
@@ -554,12 +589,12 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
             "max_triplets_per_prompt": cfg.max_triplets_per_prompt,
         },
         "funnel": {
-            "image_rows": image_rows,
+            "image_rows": logs.images.num_rows,
             "images": n,
             "prompts": int(np.count_nonzero(np.bincount(prompt_code, minlength=len(prompt_dict)))),
-            "remix_events": remixes.num_rows,
-            "remix_events_used": int(len(row)),
-            "remixed_images": int((remix_count > 0).sum()),
+            "remix_events": logs.remixes.num_rows,
+            "remix_events_used": remixes.events_used,
+            "remixed_images": int((remixes.total > 0).sum()),
             "content_positives": int(content.sum()),
             "creator_positives": int(creator.sum()),
             "both_signals": int((content & creator).sum()),
@@ -571,7 +606,7 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
             "triplets": len(triplets),
         },
         "skipped": skipped,
-        "influencers": {"given": len(logs.influencers), "unknown": len(unknown), "unknown_examples": unknown[:10]},
+        "influencers": {"given": len(logs.influencers), "unknown": len(remixes.unknown_influencers), "unknown_examples": remixes.unknown_influencers[:10]},
     }
     return triplets[TRIPLET_COLUMNS], stats
 

@@ -17,7 +17,6 @@ The log (remix window 7 days, content top share 0.15, influencer ``inf1``, filte
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
