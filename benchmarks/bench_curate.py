@@ -73,12 +73,15 @@ def run_child(folder: Path) -> None:
         images=str(folder / "images.parquet"), remixes=str(folder / "remixes.parquet"), influencers=str(folder / "influencers.txt"),
         remix_window_days=30, filter_column="nsfw", output_dir=str(folder / "out"),
     )  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     summary = run_curation(cfg)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     print(summary.line())
-    print(f"peak RSS {peak:.0f} MiB (whole process, Python and libraries included)")
+    print(f"CPU time {cpu:.2f} s (all threads; wall time below it means threads ran in parallel, above it that other processes took the CPUs)")
+    print(f"peak RSS {after.ru_maxrss / 1024:.0f} MiB (whole process, Python and libraries included)")  # KiB on Linux
     print(f"seconds: {seconds:.2f}")
 
 
