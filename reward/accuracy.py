@@ -32,7 +32,7 @@ from sr_finetune.config import require, to_yaml
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet
 
-from .scoring import ScoreConfig, load_scorers, read_scores, run_scoring
+from .scoring import ScoreConfig, check_scoring_settings, load_scorers, read_scores, run_scoring
 from .triplets import SPLITS, read_triplets
 
 logger = logging.getLogger(__name__)
@@ -180,19 +180,6 @@ def accuracy_markdown(table: pd.DataFrame, confidence: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_settings(folder: Path, settings: dict) -> None:
-    """Refuse to reuse scores made for other images or with other scorers (they would mix)."""
-    path = folder / "accuracy_scoring.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        for key, value in settings.items():
-            if previous.get(key) != value:
-                raise UserError(f"{folder}: already holds scores made with {key}={previous.get(key)!r}, not {value!r}; delete {folder / 'scores'} or use another output_dir")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
-
-
 @dataclass
 class AccuracySummary:
     output_dir: str
@@ -221,7 +208,7 @@ def run_accuracy(cfg: AccuracyConfig, load: Callable[[ScoreConfig, Any], dict] =
     images = triplet_images(triplets)
     out = Path(cfg.output_dir)
     digest = hashlib.sha256(pd.util.hash_pandas_object(images, index=False).to_numpy().tobytes()).hexdigest()
-    _check_settings(out, {"images_sha256": digest, "metrics": list(cfg.metrics), "weights": dict(cfg.weights), "options": dict(cfg.options), "dtype": cfg.dtype})
+    check_scoring_settings(out / "scores" / "settings.json", {"images_sha256": digest, "metrics": list(cfg.metrics), "weights": dict(cfg.weights), "options": dict(cfg.options), "dtype": cfg.dtype})
     atomic_write_parquet(images, out / "images.parquet")
     score_cfg = cfg.score_config()
     logger.info(run_scoring(score_cfg, load=load).line())
