@@ -539,11 +539,9 @@ def curate_triplets(logs: Logs, cfg: CurateConfig, content_filter: Optional[Call
     creator = (remixes.influencer >= cfg.min_influencer_remixes) if cfg.use_creator_signal else np.zeros(n, dtype=bool)
     positive = content | creator
     if not positive.any():
-        raise CurationError(
-            f"no positive image in {logs.sources['images']}: content signal needs >= {content_min} remixes in the window "
-            f"(top {cfg.content_top_share:g} of {n} images; max {int(remixes.window.max())}), creator signal found {int(remixes.influencer.sum())} influencer remixes "
-            f"({len(logs.influencers)} influencer ids, {len(remixes.unknown_influencers)} unknown)"
-        )
+        content_says = f"content signal needs >= {content_min} remixes in the window (top {cfg.content_top_share:g} of {n} images; most remixed: {int(remixes.window.max())})" if cfg.use_content_signal else "content signal off"
+        creator_says = f"creator signal found {int(remixes.influencer.sum())} influencer remixes in the window ({len(logs.influencers)} influencer ids, {len(remixes.unknown_influencers)} unknown)" if cfg.use_creator_signal else "creator signal off"
+        raise CurationError(f"no positive image in {logs.sources['images']}: {content_says}; {creator_says}")
 
     # exposure threshold over the positives' prompts
     prompt_code, prompt_dict = prompt_groups(images)

@@ -226,10 +226,12 @@ def test_view_events_give_the_views_before_the_first_remix():
 
 
 def test_a_log_without_positives_is_a_one_line_error():
-    images, remixes = hand_log()
-    with pytest.raises(CurationError, match=r"^no positive image in images: content signal needs >= 1 remixes") as err:
-        curate(remixes=remixes.iloc[:0], use_creator_signal=True)
+    _, remixes = hand_log()
+    with pytest.raises(CurationError, match=r"^no positive image in images: content signal needs >= 1 remixes in the window .*most remixed: 0\); creator signal found 0") as err:
+        curate(remixes=remixes.iloc[:0])
     assert "\n" not in str(err.value)
+    with pytest.raises(CurationError, match=r"content signal off; creator signal found 0 influencer remixes in the window \(1 influencer ids, 1 unknown\)$"):
+        curate(influencers=("ghost",), use_content_signal=False)
 
 
 def test_missing_columns_name_the_file_and_the_column(tmp_path, capsys):
