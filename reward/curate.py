@@ -247,7 +247,10 @@ def _epoch_ns(column, source: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(nanoseconds since the epoch, valid mask) of a timestamp or ISO-string column (naive = UTC)."""
     column = _flat(column)
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        values = pc.cast(pc.cast(column, pa.timestamp("ns", tz=getattr(column.type, "tz", None))), pa.int64())
+        try:
+            values = pc.cast(pc.cast(column, pa.timestamp("ns", tz=getattr(column.type, "tz", None))), pa.int64())
+        except pa.ArrowInvalid as exc:  # e.g. dates beyond the nanosecond range (years 1677-2262)
+            raise CurationError(f"{source}: column '{name}': {str(exc).splitlines()[0]}") from None
         valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
         return pc.fill_null(values, 0).to_numpy(zero_copy_only=False), valid
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
