@@ -12,6 +12,7 @@ truncated, not an image) are recorded with their reason in the errors part, neve
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -372,6 +373,19 @@ class ScoringSummary:
         rate = self.scored / self.seconds if self.seconds > 0 and self.parts_made else 0.0
         bad = ", ".join(f"{n} {r}" for r, n in self.errors.items()) or "none"
         return f"score: {self.scored}/{self.images} images scored, errors: {bad}; {self.parts_made}/{self.parts_total} parts made ({rate:.1f} img/s) -> {self.output_dir}"
+
+
+def check_scoring_settings(path: Path, settings: dict, is_main: bool = True) -> None:
+    """Refuse to resume scores made with other settings (they would mix): compare ``settings`` with
+    those recorded in ``path`` (JSON), or record them there if it does not exist yet."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key, value in settings.items():
+            if previous.get(key) != value:
+                raise UserError(f"{path.parent}: already holds scores made with {key}={previous.get(key)!r}, not {value!r}; delete it or use another output_dir")
+    elif is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
 
 
 def _part_file(output_dir: Path, kind: str, part: int) -> Path:

@@ -3,7 +3,7 @@
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
-    sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
+    sr-finetune curate | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
 """
 
@@ -48,6 +48,18 @@ def _stage(section: str, run: Callable[[object], object]) -> Callable[[argparse.
         return 0
 
     return handler
+
+
+def _curate(cfg):
+    from reward.curate import run_curation
+
+    return run_curation(cfg)
+
+
+def _accuracy(cfg):
+    from reward.accuracy import run_accuracy
+
+    return run_accuracy(cfg)
 
 
 def _generate(cfg):
@@ -141,6 +153,8 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 # (subcommand, config section, runner, help), in the order of the flow
 STAGES = [
+    ("curate", "curate", _curate, "engagement logs -> (prompt, positive, negative) triplets split by prompt"),
+    ("accuracy", "accuracy", _accuracy, "pairwise accuracy of reward models on a triplet split, with ties and bootstrap CIs"),
     ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eval.config import EvaluateConfig
+from reward.accuracy import AccuracyConfig
+from reward.curate import CurateConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -26,3 +28,5 @@ class ExperimentConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
