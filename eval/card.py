@@ -75,6 +75,8 @@ def pick_model(cfg: EvaluateConfig, folder: Path, repo_id: str | None, model: st
 def load_evaluation(root: Path, folder: Path, repo_id: str | None = None, model: str | None = None) -> Evaluation:
     """Read a finished evaluation folder; keep the baseline and the model that ``folder`` holds."""
     root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--eval {root} is not a folder; pass the output_dir of a finished `sr-finetune evaluate`")
     missing = [name for name in REQUIRED if not (root / name).is_file()]
     if missing:
         raise UserError(f"{root}: no {', '.join(missing)}; pass the output_dir of a finished `sr-finetune evaluate`")
@@ -167,14 +169,14 @@ def evaluation_markdown(ev: Evaluation, grids: list[str]) -> str:
     spec = cfg.finetuned[model]
     sampled = f"with the negative prompt `{spec.negative_prompt}`" if spec.negative_prompt else "without a negative prompt"
     sets = ", ".join(f"{name} ({cfg.prompt_sets[name].prompts}, {plural(int(ev.scores.loc[(ev.scores.prompt_set == name) & (ev.scores.model == base), 'prompt_id'].nunique()), 'prompt')})" for name in cfg.prompt_sets)
-    notes = "".join(f"> **Note.** {n}\n\n" for n in caveats(cfg, ev.scores, ev.means))
+    notes = "\n".join(f"> **Note.** {n}\n" for n in caveats(cfg, ev.scores, ev.means))
     files = ", ".join(f"[{name}]({REPO_DIR}/{name})" for name in COPIED[1:4] if (ev.root / name).is_file())
     report = f"Full report: [{REPO_DIR}/report.html]({REPO_DIR}/report.html) (one self-contained file; download it). " if (ev.root / "report.html").is_file() else ""
     lines = [
         "## Evaluation\n",
         f"This model (`{model}` in the evaluation) against its base (`{base}`: `{cfg.baseline.path}`), made with "
         f"`sr-finetune evaluate`: prompt sets {sets}; {plural(cfg.images_per_prompt, 'image')} per prompt, made with the same seeds by both "
-        f"models ({cfg.scheduler}, {cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}); this model is sampled {sampled}, "
+        f"models ({cfg.scheduler}, {plural(cfg.steps, 'step')}, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}); this model is sampled {sampled}, "
         f"the base {'with `' + cfg.baseline.negative_prompt + '`' if cfg.baseline.negative_prompt else 'without one'}. In brackets: {cfg.confidence:.0%} "
         f"percentile bootstrap intervals over prompts ({cfg.bootstrap_samples} resamples); p: exact two-sided sign test of wins vs losses, ties left out. "
         f"{report}Tables: {files}.\n",

@@ -84,8 +84,8 @@ def pairs_with_summary(finetune_set, tmp_path_factory) -> Path:
 
 
 def finetune_settings(model: Path, data: Path, out: Path) -> dict:
-    return dict(model=str(model), dataset=str(data), output_dir=str(out), resolution=32, train_batch_size=2, max_train_steps=2, dataloader_num_workers=0,
-                checkpointing_steps=1, report_to="tensorboard", validation_prompts=["a cat"], validation_steps=2, validation_inference_steps=1, seed=0)
+    return dict(model=str(model), dataset=str(data), output_dir=str(out), resolution=32, train_batch_size=2, max_train_steps=1, dataloader_num_workers=0,
+                checkpointing_steps=1, report_to="tensorboard", validation_prompts=["a cat"], validation_steps=1, validation_inference_steps=1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,9 @@ def eval_dir(tiny_sd, run_dir, tmp_path_factory) -> Path:
     rewards = make_tiny_rewards(root / "rewards")
     metrics = ["social_reward", "clip"]
     section = {
-        "baseline": {"path": str(tiny_sd)}, "finetuned": {"ft": {"path": str(run_dir)}, "other": {"path": str(tiny_sd), "negative_prompt": None}},
+        "baseline": {"path": str(tiny_sd)}, "finetuned": {"ft": {"path": str(run_dir)}},
         "prompt_sets": {"internal": {"prompts": "ddpo-animals", "max_prompts": 2}, "general": {"prompts": "parti", "max_prompts": 2}},
-        "output_dir": str(root / "out"), "images_per_prompt": 2, "steps": 2, "height": 32, "width": 32, "batch_size": 8, "device": "cpu",
+        "output_dir": str(root / "out"), "images_per_prompt": 2, "steps": 1, "height": 32, "width": 32, "batch_size": 8, "device": "cpu",
         "metrics": metrics, "weights": {m: rewards["weights"][m] for m in metrics}, "num_workers": 0, "bootstrap_samples": 200, "grid_prompts": 2,
         "examples_per_metric": 1, "thumbnail_size": 48,
     }
@@ -170,7 +170,7 @@ def test_the_pair_builders_default_puts_the_negative_token_before_the_prompt():
 
 def test_push_uploads_the_pipeline_and_leaves_training_state_out(run_dir, hub, capsys, caplog):
     kept, left_out = plan_upload(run_dir)
-    assert any(p.startswith("checkpoint-2/") for p in left_out) and any(p.startswith("cache/") for p in left_out)
+    assert any(p.startswith("checkpoint-1/") for p in left_out) and any(p.startswith("cache/") for p in left_out)
     assert any("events.out.tfevents" in p for p in left_out) and any(p.startswith("validation/") for p in left_out)
 
     assert main(["push", str(run_dir), "--repo", "me/tiny-sr"]) == 0
@@ -225,7 +225,7 @@ def test_card_with_eval_has_model_index_equal_to_the_eval_tables(pushed_with_eva
             for key in ("wins", "ties", "losses", "n", "ci_low", "ci_high", "p_value", "mean_diff"):
                 assert r.metric_args[key] == row[key], key
             seen_wins.add((r.dataset_config, metric, unit))
-    # every table row of this model (not 'other') is there once
+    # every table row of the model is there once
     assert seen_means == {(s, m) for _, s, m in means.loc["ft"].reset_index()[["prompt_set", "metric"]].itertuples()}
     assert len(seen_wins) == len(wins.loc["ft"]) == 2 * 2 * 2 and len(results) == len(seen_means) + len(seen_wins)
 
@@ -236,7 +236,7 @@ def test_card_with_eval_shows_the_tables_plots_and_grids_uploaded_beside_it(push
     wins = pd.read_csv(eval_dir / "tables" / "win_rates.csv")
     row = wins[(wins.model == "ft") & (wins.unit == "prompt")].iloc[0]
     assert f"**{100 * row.win_rate:.1f}%** [{100 * row.ci_low:.1f}%, {100 * row.ci_high:.1f}%] W/T/L {row.wins}/{row.ties}/{row.losses}" in text
-    assert "| other |" not in text and "`ft` in the evaluation" in text
+    assert "`ft` in the evaluation" in text
     for rel in ("figures/means.png", "figures/win_rates.png", "figures/grid_internal.png", "figures/grid_general.png"):
         assert f"](eval/{rel})" in text
         Image.open(io.BytesIO(files[f"eval/{rel}"])).verify()
@@ -247,13 +247,34 @@ def test_card_with_eval_shows_the_tables_plots_and_grids_uploaded_beside_it(push
     assert PIPELINE_FILES <= set(files)
 
 
-def test_eval_of_another_model_needs_eval_model(run_dir, eval_dir, hub, tmp_path, capsys):
-    (tmp_path / "README.md").write_text("# another model\n")
-    assert main(["push", str(tmp_path), "--repo", "me/x", "--eval", str(eval_dir)]) == 2
-    assert f"none of them is {tmp_path}: pass --eval-model NAME" in one_line_error(capsys)
-    assert main(["push", str(run_dir), "--repo", "me/x", "--eval", str(eval_dir), "--eval-model", "nope"]) == 2
+def test_eval_of_several_models_puts_only_the_pushed_one_on_the_card(run_dir, eval_dir, hub, tmp_path, capsys):
+    # a second fine-tuned model, 'other', in a copy of the evaluation: its rows are ft's with another name
+    two = tmp_path / "eval"
+    shutil.copytree(eval_dir, two, ignore=shutil.ignore_patterns("generations", "scores"))
+    config = yaml.safe_load((two / "config.yaml").read_text())
+    config["finetuned"]["other"] = {**config["finetuned"]["ft"], "path": str(tmp_path / "other")}
+    (two / "config.yaml").write_text(yaml.safe_dump(config))
+    for table in ("means", "win_rates"):
+        frame = pd.read_csv(two / "tables" / f"{table}.csv")
+        other = frame[frame.model == "ft"].assign(model="other", **({"mean": 123.0} if table == "means" else {"win_rate": 0.123}))
+        pd.concat([frame, other]).to_csv(two / "tables" / f"{table}.csv", index=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README.md").write_text("# another model\n")
+
+    assert main(["push", str(run_dir), "--repo", "me/ft", "--eval", str(two)]) == 0  # found by its path
+    card = ModelCard(hub["commits"][0]["files"]["README.md"].decode())
+    assert "| other |" not in card.text and "123.0" not in card.text and "12.3%" not in card.text
+    assert {r.metric_value for r in card.data.eval_results}.isdisjoint({123.0, 0.123})
+    assert main(["push", str(tmp_path / "other"), "--repo", "me/other", "--eval", str(two), "--eval-model", "other", "--revision", "eval"]) == 0
+    assert {r.metric_value for r in ModelCard(hub["commits"][1]["files"]["README.md"].decode()).data.eval_results} >= {123.0, 0.123}
+
+    (tmp_path / "third").mkdir()
+    (tmp_path / "third" / "README.md").write_text("# a third model\n")
+    assert main(["push", str(tmp_path / "third"), "--repo", "me/x", "--eval", str(two)]) == 2
+    assert f"none of them is {tmp_path / 'third'}: pass --eval-model NAME" in one_line_error(capsys)
+    assert main(["push", str(run_dir), "--repo", "me/x", "--eval", str(two), "--eval-model", "nope"]) == 2
     assert "no fine-tuned model named 'nope' (it evaluates ft (" in one_line_error(capsys)
-    assert not hub["commits"]
+    assert len(hub["commits"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -311,9 +332,9 @@ def test_failed_upload_after_training_names_the_saved_folder_and_the_retry(tiny_
     err = capsys.readouterr().err
     assert "Traceback" not in err and TOKEN not in err
     line = err.strip().splitlines()[-1]  # above it: the progress bar of the training that finished
-    assert line == (f"sr-finetune finetune: error: training finished and the pipeline is saved in {out} (step 2), but the upload of {out} to me/tiny-sr failed "
+    assert line == (f"sr-finetune finetune: error: training finished and the pipeline is saved in {out} (step 1), but the upload of {out} to me/tiny-sr failed "
                     f"(ConnectError: [Errno -2] Name or service not known); nothing local was changed, retry with: sr-finetune push {out} --repo me/tiny-sr --public")
-    assert (out / "model_index.json").is_file() and (out / "checkpoint-2").is_dir()
+    assert (out / "model_index.json").is_file() and (out / "checkpoint-1").is_dir()
     monkeypatch.setattr(HfApi, "create_repo", create_repo)  # the hub is back: the command it names works
     assert main(line.split("retry with: sr-finetune ")[1].split()) == 0
     assert set(hub["commits"][0]["files"]) == PIPELINE_FILES and hub["repo"][1]["private"] is False

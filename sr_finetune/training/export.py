@@ -98,7 +98,7 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
 {data.to_yaml()}
 ---
 
-# Reward-guided fine-tune of {base_id or Path(cfg.model).name}
+# Reward-guided fine-tune of {base_id or 'a local Stable Diffusion model'}
 
 Base model: {base}.
 
