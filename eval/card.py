@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from sr_finetune.config import load_config
@@ -90,11 +91,13 @@ def load_evaluation(root: Path, folder: Path, repo_id: str | None = None, model:
     return Evaluation(root, cfg, name, means[means.model.isin(keep)], wins[wins.model == name], scores[scores.model.isin(keep)])
 
 
-def _number(value) -> float | int | None:
-    """A plain Python number for YAML (exact float repr), None for NaN."""
+def _plain(value):
+    """A plain Python value for YAML: str as is, NaN as None, integers as int, other numbers as float (exact repr)."""
+    if isinstance(value, str):
+        return value
     if pd.isna(value):
         return None
-    return int(value) if float(value).is_integer() and not isinstance(value, float) else float(value)
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
 
 
 def _dataset(ev: Evaluation, prompt_set: str) -> dict:
@@ -117,7 +120,7 @@ def eval_results(ev: Evaluation) -> list:
         args = {"ci_low": r.ci_low, "ci_high": r.ci_high, "confidence": ev.cfg.confidence, "images": r.images, "prompts": r.prompts,
                 "baseline": ev.cfg.baseline_name, "baseline_mean": base.loc[(r.prompt_set, r.metric), "mean"]}
         results.append(EvalResult(**TASK, **_dataset(ev, r.prompt_set), metric_type=r.metric, metric_name=f"mean {r.metric}", metric_config="mean",
-                                  metric_value=float(r.mean), metric_args={k: _number(v) if k != "baseline" else v for k, v in args.items()}))
+                                  metric_value=float(r.mean), metric_args={k: _plain(v) for k, v in args.items()}))
     for r in ev.wins.itertuples():
         if pd.isna(r.win_rate):
             continue
@@ -126,7 +129,7 @@ def eval_results(ev: Evaluation) -> list:
                 "mean_diff": r.mean_diff, "diff_ci_low": r.diff_ci_low, "diff_ci_high": r.diff_ci_high}
         results.append(EvalResult(**TASK, **_dataset(ev, r.prompt_set), metric_type="win_rate", metric_name=f"{r.metric} win rate vs {r.baseline} (per {r.unit})",
                                   metric_config=f"{r.metric}/{r.unit}", metric_value=float(r.win_rate),
-                                  metric_args={k: v if isinstance(v, str) else _number(v) for k, v in args.items()}))
+                                  metric_args={k: _plain(v) for k, v in args.items()}))
     return results
 
 

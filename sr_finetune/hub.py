@@ -68,7 +68,7 @@ def repo_id_problem(repo_id: str) -> str | None:
     return None
 
 
-def hub_model_id(model: str) -> str | None:
+def hub_id_of(model: str) -> str | None:
     """The hub id of a base model given as hub id or path: a local folder has none, except a
     snapshot in the hub cache (``.../models--org--name/snapshots/<sha>``)."""
     if Path(model).exists():
@@ -83,7 +83,7 @@ def base_license(model: str, revision: str | None = None) -> str | None:
     from huggingface_hub import metadata_load, try_to_load_from_cache
 
     card = Path(model) / "README.md"
-    repo_id = hub_model_id(model)
+    repo_id = hub_id_of(model)
     if not card.is_file() and repo_id is not None:
         cached = try_to_load_from_cache(repo_id, "README.md", revision=revision)
         card = Path(cached) if isinstance(cached, str) else card

@@ -70,9 +70,9 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
     which reward ranked the images)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..hub import REPO_PLACEHOLDER, base_license, hub_model_id
+    from ..hub import REPO_PLACEHOLDER, base_license, hub_id_of
 
-    base_id = hub_model_id(cfg.model)
+    base_id = hub_id_of(cfg.model)
     data = ModelCardData(
         base_model=base_id,
         license=base_license(cfg.model, cfg.revision),
