@@ -5,6 +5,7 @@
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune curate | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
+    sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
 """
 
 from __future__ import annotations
@@ -116,6 +117,28 @@ def _run_tiny_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_push(args: argparse.Namespace) -> int:
+    """Upload a finished folder (minus training state); with --eval, its card carries the evaluation."""
+    from pathlib import Path
+
+    from .hub import check_hub_access, push_command, push_folder, read_card
+
+    card = read_card(Path(args.dir))
+    token = check_hub_access(args.repo)  # before the card and grids are made
+    files = {}
+    if args.eval:
+        from eval.card import card_evaluation, card_with_evaluation
+
+        evaluation = card_evaluation(Path(args.eval), Path(args.dir), args.repo, args.eval_model)
+        card, files = card_with_evaluation(card, evaluation, args.repo), evaluation.files
+        logger.info("push: the card carries %d results of %s", len(evaluation.eval_results), args.eval)
+    extra = (("--eval", args.eval) if args.eval else ()) + (("--eval-model", args.eval_model) if args.eval_model else ())
+    retry = push_command(args.dir, args.repo, private=args.private, revision=args.revision, extra=extra)
+    url = push_folder(args.dir, args.repo, private=args.private, revision=args.revision, card=card, files=files, token=token, retry=retry)
+    logger.info("push: %s -> %s", args.dir, url)
+    return 0
+
+
 def _stages_in_file(path: str) -> list[str]:
     """The stages whose section the config file has, in flow order."""
     from omegaconf import OmegaConf
@@ -192,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_all.add_argument("--stages", help=f"comma-separated, in flow order ({','.join(c for c, *_ in STAGES)}); default: those with a section in the config")
     run_all.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. generate.steps=20")
     run_all.set_defaults(func=_run_stages)
+
+    push = sub.add_parser("push", help="upload a finished folder (pipeline or reward checkpoint) to the hub, optionally with an evaluation on its card")
+    push.add_argument("dir", help="a folder written by sr-finetune with a README.md card (e.g. runs/finetune)")
+    push.add_argument("--repo", required=True, help="hub repo id, e.g. me/sd21-social-reward (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--eval", help="an evaluate output_dir: its tables, model-index results, plots and image grids go on the card")
+    push.add_argument("--eval-model", help="which fine-tuned model of --eval this folder is (default: the one whose path is DIR)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True, help="a new repo is private (default)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="a new repo is public")
+    push.add_argument("--revision", help="push to this branch (created if needed) instead of main")
+    push.set_defaults(func=_run_push)
     return parser
 
 

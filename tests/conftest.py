@@ -31,6 +31,28 @@ def tiny_sd(tmp_path_factory) -> Path:
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def finetune_set(tmp_path_factory) -> Path:
+    """10 rows: 4 prompts x (chosen, rejected + negative token) and 2 regularisation images, 40x48 px."""
+    import numpy as np
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        for role in ("chosen", "rejected"):
+            text = f"a photo of animal {i}" + (" t@y quality" if role == "rejected" else "")
+            rows.append({"text": text, "role": role, "prompt_id": f"p{i}", "score": float(rng.random())})
+    rows += [{"text": f"a laion caption {i}", "role": "regularization", "prompt_id": f"laion{i}", "score": 0.0} for i in range(2)]
+    for row in rows:
+        row["image"] = PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    features = Features({"image": Image(), "text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), "score": Value("float32")})
+    path = tmp_path_factory.mktemp("finetune_set") / "pairs"
+    Dataset.from_list(rows, features=features).save_to_disk(str(path))
+    return path
+
+
 def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
     """Real generated images of ../shared/data/images (PNG, JPEG and WEBP, spread over formats)."""
     files = sorted(p for p in (shared_data / "images").rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
