@@ -20,7 +20,7 @@ from reward.openai_clip import TINY_OPENAI_CLIP, is_torchscript_archive, make_ti
 from reward.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sr_finetune.errors import UserError
 
-from conftest import real_image_files
+from conftest import IMAGE_MODES, image_in_mode, openai_clip_reference_transform, real_image_files
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
 STD = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
@@ -143,24 +143,19 @@ def test_preprocess_normalises_a_known_pixel_with_the_clip_mean_and_std(clip):
 # --------------------------------------------------------------------------- tokenisation
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L"])
-def test_preprocess_is_bit_identical_to_torchvisions_compose(clip, mode):
-    from torchvision import transforms as T
-
-    reference = T.Compose(
-        [T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
-    )
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+@pytest.mark.parametrize("scorer", ["clip", "aesthetic"])
+def test_preprocess_is_bit_identical_to_torchvisions_compose_in_every_image_mode(scorer, mode, request):
+    """Exact by construction: PIL's integer resize, crop and conversion, and ToTensor + Normalize
+    as tables of their own values."""
+    model, reference = request.getfixturevalue(scorer), openai_clip_reference_transform(224)
     for i, size in enumerate([(64, 64), (97, 255), (301, 180), (512, 512), (224, 224)]):
-        image = random_image(*size, mode=mode, seed=i)
-        assert torch.equal(clip.preprocess_image(image), reference(image))
+        image = image_in_mode(mode, *size, seed=i)
+        assert torch.equal(model.preprocess_image(image), reference(image)), size
 
 
 def test_preprocess_is_bit_identical_to_torchvisions_compose_on_real_images(clip, shared_data):
-    from torchvision import transforms as T
-
-    reference = T.Compose(
-        [T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
-    )
+    reference = openai_clip_reference_transform(224)
     files = real_image_files(shared_data)
     assert {p.suffix.lower() for p in files} >= {".png", ".jpg", ".webp"}
     for path in files:
