@@ -79,6 +79,11 @@ def _skip(skips: dict[str, list[str]], reason: str, where: Iterable[str]) -> Non
     skips.setdefault(reason, []).extend(where)
 
 
+def _rows_of(file_name: str, mask: np.ndarray) -> list[str]:
+    """``"file:row"`` of the rows where ``mask`` is set."""
+    return [f"{file_name}:{row}" for row in np.flatnonzero(mask)]
+
+
 def _with_skips(reg: RegularizationSet, skips: dict[str, list[str]]) -> RegularizationSet:
     reg.skipped_rows = {reason: rows for reason, rows in skips.items() if rows}
     reg.skipped = {reason: len(rows) for reason, rows in reg.skipped_rows.items()}
@@ -189,13 +194,12 @@ def read_parquet_pairs(source: str | os.PathLike, caption_column: Optional[str] 
             df = pd.DataFrame({"key": [f"{file.name}/{i}" for i in range(len(table))], "text": table[caption], "kind": "parquet", "path": os.path.abspath(file), "row": np.arange(len(table))})
         good_text = df["text"].map(_caption_ok).to_numpy(dtype=bool)
         has_image = has_image.to_numpy(dtype=bool)
-        where = lambda mask: (f"{file.name}:{row}" for row in np.flatnonzero(mask))  # noqa: E731
-        _skip(skips, "empty_caption", where(~good_text))
-        _skip(skips, "no_image", where(good_text & ~has_image))
+        _skip(skips, "empty_caption", _rows_of(file.name, ~good_text))
+        _skip(skips, "no_image", _rows_of(file.name, good_text & ~has_image))
         keep = good_text & has_image
         if check_files and (df["kind"] == "file").all():
             exists = np.fromiter((os.path.isfile(p) if k else True for p, k in zip(df["path"], keep)), dtype=bool, count=len(df))
-            _skip(skips, "missing_file", where(keep & ~exists))
+            _skip(skips, "missing_file", _rows_of(file.name, keep & ~exists))
             keep &= exists
         frames.append(df[keep])
     rows = pd.concat(frames, ignore_index=True).reindex(columns=ROW_COLUMNS)
