@@ -29,6 +29,7 @@ from sr_finetune.config import require, to_yaml
 from sr_finetune.cpu_memory import reuse_freed_memory
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_parts
+from sr_finetune.tables import blank_cells, describe_skipped, read_csv_as_text, text_cells
 
 from .base import RewardModel, load_rewards, to_device
 
@@ -74,39 +75,75 @@ class ScoreConfig:
         require(not unknown, "weights", f"weights given for metrics not requested: {sorted(unknown)}")
 
 
-def read_image_table(cfg: ScoreConfig) -> pd.DataFrame:
-    """Rows ``image_id, prompt, path`` (absolute paths) from a generations folder or an image table."""
+@dataclass
+class ImageRows:
+    """The rows to score (``image_id, prompt, path``, absolute paths) and the input rows skipped
+    for an empty cell: reason -> row numbers of the table (from 0)."""
+
+    rows: pd.DataFrame
+    skipped: dict[str, list[int]]
+    source: str
+
+    def skip_counts(self) -> dict[str, int]:
+        return {reason: len(rows) for reason, rows in self.skipped.items()}
+
+
+# Why a table row is not scored, checked in this order (a row counts under its first reason).
+ROW_SKIP_REASONS = ("empty paths", "empty prompts", "missing ids")
+
+
+def read_image_rows(cfg: ScoreConfig) -> ImageRows:
+    """The rows of a generations folder or an image table, less those with an empty path, prompt
+    or id cell (counted by reason with their row numbers)."""
     if bool(cfg.generations) == bool(cfg.image_table):
         raise ConfigError("config error: set exactly one of score.generations and score.image_table")
     if cfg.generations:
         from sr_finetune.generation import read_manifest
 
-        df = read_manifest(cfg.generations)
-        return df[["image_id", "prompt", "path"]].reset_index(drop=True)
+        return _complete_rows(read_manifest(cfg.generations).reset_index(drop=True), "path", "prompt", "image_id", None, cfg.generations)
     table = Path(cfg.image_table)
     if not table.is_file():
         raise UserError(f"image table not found: {table}")
     suffix = table.suffix.lower()
-    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
+    readers = {".csv": read_csv_as_text, ".tsv": lambda p: read_csv_as_text(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
     if suffix not in readers:
         raise UserError(f"{table}: unsupported image table type '{suffix}' (csv, tsv, parquet, json, jsonl)")
     df = readers[suffix](table)
     for column in (cfg.path_column, cfg.prompt_column):
         if column not in df.columns:
             raise UserError(f"{table}: no column '{column}' (columns: {', '.join(map(str, df.columns))})")
-    root = Path(cfg.image_root) if cfg.image_root else table.parent
     id_column = cfg.id_column or ("image_id" if "image_id" in df.columns else cfg.path_column)
-    out = pd.DataFrame(
-        {
-            "image_id": df[id_column].astype(str),
-            "prompt": df[cfg.prompt_column].astype(str),
-            "path": [str(p if Path(p).is_absolute() else root / p) for p in df[cfg.path_column].astype(str)],
-        }
-    )
-    duplicated = out.image_id[out.image_id.duplicated()]
+    if id_column not in df.columns:
+        raise UserError(f"{table}: no id column '{id_column}' (columns: {', '.join(map(str, df.columns))})")
+    found = _complete_rows(df, cfg.path_column, cfg.prompt_column, id_column, Path(cfg.image_root) if cfg.image_root else table.parent, str(table))
+    duplicated = found.rows.image_id[found.rows.image_id.duplicated()]
     if len(duplicated):
         raise UserError(f"{table}: image id '{duplicated.iloc[0]}' appears more than once (set score.id_column)")
-    return out
+    return found
+
+
+def _complete_rows(df: pd.DataFrame, path_column: str, prompt_column: str, id_column: str, root: Path | None, source: str) -> ImageRows:
+    """``image_id, prompt, path`` of the rows whose three cells are all filled in; paths joined to ``root``."""
+    cells = {"path": text_cells(df[path_column]), "prompt": text_cells(df[prompt_column]), "image_id": text_cells(df[id_column])}
+    empty = [blank_cells(cells[column]) for column in ("path", "prompt", "image_id")]
+    reason = np.select(empty, ROW_SKIP_REASONS, default="")
+    skipped = {r: np.flatnonzero(reason == r).tolist() for r in ROW_SKIP_REASONS if (reason == r).any()}
+    keep = reason == ""
+    paths = cells["path"][keep]
+    rows = pd.DataFrame(
+        {
+            "image_id": cells["image_id"][keep].to_numpy(),
+            "prompt": cells["prompt"][keep].to_numpy(),
+            "path": [p if root is None or Path(p).is_absolute() else str(root / p) for p in paths],
+        }
+    )
+    return ImageRows(rows, skipped, source)
+
+
+def read_image_table(cfg: ScoreConfig) -> pd.DataFrame:
+    """Rows ``image_id, prompt, path`` (absolute paths) to score; :func:`read_image_rows` also says
+    which input rows were skipped."""
+    return read_image_rows(cfg).rows
 
 
 @dataclass
@@ -368,11 +405,13 @@ class ScoringSummary:
     parts_total: int
     parts_made: int
     seconds: float
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # input rows not scored: reason -> count
 
     def line(self) -> str:
         rate = self.scored / self.seconds if self.seconds > 0 and self.parts_made else 0.0
         bad = ", ".join(f"{n} {r}" for r, n in self.errors.items()) or "none"
-        return f"score: {self.scored}/{self.images} images scored, errors: {bad}; {self.parts_made}/{self.parts_total} parts made ({rate:.1f} img/s) -> {self.output_dir}"
+        skipped = f", skipped rows: {', '.join(f'{n} {r}' for r, n in self.skipped_rows.items())}" if self.skipped_rows else ""
+        return f"score: {self.scored}/{self.images} images scored, errors: {bad}{skipped}; {self.parts_made}/{self.parts_total} parts made ({rate:.1f} img/s) -> {self.output_dir}"
 
 
 def check_scoring_settings(path: Path, settings: dict, is_main: bool = True) -> None:
@@ -403,11 +442,14 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
     from sr_finetune.distributed import warn_if_single_cpu_launch
     from sr_finetune.models import resolve_device
 
-    rows = read_image_table(cfg)
+    found = read_image_rows(cfg)
+    rows, skipped = found.rows, describe_skipped(found.source, found.skipped)
     if rows.empty:
-        raise UserError("nothing to score: the manifest has no rows")
+        raise UserError(f"nothing to score: {found.source} has no rows" + (f" to score ({'; '.join(skipped.splitlines())})" if skipped else ""))
     warn_if_single_cpu_launch()
     state = PartialState(cpu=cfg.device == "cpu")
+    if skipped and state.is_main_process:
+        logger.warning(skipped)
     output_dir = Path(cfg.output_dir)
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +482,7 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
     reasons = merged_errors.reason.str.split(":").str[0].value_counts().to_dict() if len(merged_errors) else {}
     if reasons and state.is_main_process:
         logger.warning("score: %d unreadable images (see %s): %s", len(merged_errors), output_dir / "errors.parquet", reasons)
-    return ScoringSummary(str(output_dir), len(rows), len(merged_scores), reasons, n_parts, len(todo), seconds)
+    return ScoringSummary(str(output_dir), len(rows), len(merged_scores), reasons, n_parts, len(todo), seconds, found.skip_counts())
 
 
 def read_scores(output_dir: str | Path) -> pd.DataFrame:
