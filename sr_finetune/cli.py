@@ -5,6 +5,7 @@
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
+    sr-finetune analyze-prompts [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def _evaluate(cfg):
     return run_evaluation(cfg)
 
 
+def _analyze_prompts(cfg):
+    from eval.prompts import run_prompt_analysis
+
+    return run_prompt_analysis(cfg)
+
+
 def _run_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_sd_pipeline
 
@@ -148,6 +155,12 @@ STAGES = [
     ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
 ]
 
+# (subcommand, config section, runner, help): analyses and tools with a config section, outside the flow
+# (``run`` does not run them)
+TOOLS = [
+    ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-finetune", description="Reward-guided fine-tuning of text-to-image diffusion models.")
@@ -168,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    for command, section, run, help_text in STAGES:
+    for command, section, run, help_text in STAGES + TOOLS:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eval.config import EvaluateConfig
+from eval.prompts import PromptAnalysisConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -26,3 +27,4 @@ class ExperimentConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
