@@ -5,7 +5,7 @@
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
-    sr-finetune analyze-prompts [--config FILE] [key=value ...]
+    sr-finetune analyze-prompts | validate-scorer [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -87,6 +87,12 @@ def _analyze_prompts(cfg):
     return run_prompt_analysis(cfg)
 
 
+def _validate_scorer(cfg):
+    from eval.validation import run_validation
+
+    return run_validation(cfg)
+
+
 def _run_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_sd_pipeline
 
@@ -159,6 +165,7 @@ STAGES = [
 # (``run`` does not run them)
 TOOLS = [
     ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
+    ("validate-scorer", "validate_scorer", _validate_scorer, "correlate scores with human ratings: Pearson/Spearman/Kendall with CIs, per popularity bucket, pairwise agreement"),
 ]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from eval.config import EvaluateConfig
 from eval.prompts import PromptAnalysisConfig
+from eval.validation import ValidateScorerConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -28,3 +29,4 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
+    validate_scorer: ValidateScorerConfig = field(default_factory=ValidateScorerConfig)
