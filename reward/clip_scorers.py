@@ -85,6 +85,10 @@ class CLIPScoreReward(RewardModel):
 
         return tokenize(list(prompts), context_length=self.context_length)
 
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""
+        return self.backbone.encode_image(pixel_values)
+
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor) -> torch.Tensor:
         image = self.backbone.encode_image(pixel_values)
         text = encode_distinct_rows(self.backbone.encode_text, text_inputs)
@@ -152,6 +156,10 @@ class AestheticReward(RewardModel):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """The score ignores the prompt: an empty [N, 0] tensor keeps the batching uniform."""
         return torch.zeros(len(prompts), 0, dtype=torch.long)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""
+        return self.backbone.encode_image(pixel_values)
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor | None = None) -> torch.Tensor:
         # normalised in the backbone's dtype (the reference normalises its fp16 array), then fp32

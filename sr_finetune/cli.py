@@ -5,7 +5,7 @@
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
-    sr-finetune analyze-prompts | validate-scorer [--config FILE] [key=value ...]
+    sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ def _validate_scorer(cfg):
     return run_validation(cfg)
 
 
+def _train_aesthetic(cfg):
+    from reward.aesthetic_training import run_aesthetic_training
+
+    return run_aesthetic_training(cfg)
+
+
 def _run_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_sd_pipeline
 
@@ -165,6 +171,7 @@ STAGES = [
 # (``run`` does not run them)
 TOOLS = [
     ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
+    ("train-aesthetic", "social_aesthetic", _train_aesthetic, "train the social_aesthetic scorer: a head on CLIP embeddings predicting engagement buckets"),
     ("validate-scorer", "validate_scorer", _validate_scorer, "correlate scores with human ratings: Pearson/Spearman/Kendall with CIs, per popularity bucket, pairwise agreement"),
 ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from eval.config import EvaluateConfig
 from eval.prompts import PromptAnalysisConfig
 from eval.validation import ValidateScorerConfig
+from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -30,3 +31,4 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
     validate_scorer: ValidateScorerConfig = field(default_factory=ValidateScorerConfig)
+    social_aesthetic: AestheticTrainConfig = field(default_factory=AestheticTrainConfig)
