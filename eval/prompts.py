@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from sr_finetune.config import require, to_yaml
-from sr_finetune.errors import UserError
+from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet
 from sr_finetune.prompts import load_prompts
 
@@ -77,7 +77,6 @@ class PromptAnalysisConfig:
     output_dir: str = "runs/prompt_analysis"
 
     def validate(self) -> None:
-        require(len(self.datasets) >= 2, "datasets", f"name at least two datasets to compare, got {list(self.datasets)}")
         for name, source in self.datasets.items():
             require(bool(source.prompts), f"datasets.{name}.prompts", "set it to a prompt file, a named set (e.g. parti) or a datasets id")
         for key in ("samples_per_dataset", "words", "clusters", "top_clusters", "batch_size"):
@@ -88,6 +87,11 @@ class PromptAnalysisConfig:
         require(self.tsne_iterations >= 250, "tsne_iterations", f"must be at least 250, got {self.tsne_iterations}")
         total = self.samples_per_dataset * len(self.datasets)
         require(total <= MAX_PROMPTS, "samples_per_dataset", f"{total} prompts in all exceed {MAX_PROMPTS} (Ward clustering holds n^2/2 distances)")
+
+    def require_runnable(self) -> None:
+        """What a run needs beyond valid values (the defaults lack it): two datasets."""
+        if len(self.datasets) < 2:
+            raise ConfigError(f"config error: prompt_analysis.datasets: name at least two datasets to compare, got {list(self.datasets)}")
 
 
 # --------------------------------------------------------------------------- prompt selection
@@ -374,6 +378,7 @@ def run_prompt_analysis(cfg: PromptAnalysisConfig) -> PromptAnalysisSummary:
     x/y), ``cluster_counts.csv``, ``kl.csv``, ``over_represented.csv``, ``tsne.png``,
     ``report.md``, ``results.json`` and ``config.yaml``; ``embeddings.npz`` is reused by a rerun
     with the same prompts and embedder."""
+    cfg.require_runnable()
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

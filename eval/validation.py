@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from sr_finetune.config import require, to_yaml
-from sr_finetune.errors import UserError
-from sr_finetune.io import atomic_write_parquet
+from sr_finetune.errors import ConfigError, UserError
+from sr_finetune.io import JSON_KEY, atomic_write_parquet, read_table
 
 from .stats import Bootstrap, bootstrap_ratio_ci
 
@@ -47,7 +47,6 @@ RATING_COLUMNS = ("human_scores", "ratings", "rating", "human_avg", "mean_rating
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 GROUP_COLUMNS = ("prompt_id", "text_id")
 PATH_COLUMNS = ("path", "image_path", "image")
-JSON_KEY = "__key__"  # the object key of a JSON file of {image id: record}
 STATISTICS = ("pearson", "spearman", "kendall")
 CORRELATION_COLUMNS = [
     "metric", "subset", "n", "groups", "missing",
@@ -94,7 +93,6 @@ class ValidateScorerConfig:
     output_dir: str = "runs/validate_scorer"
 
     def validate(self) -> None:
-        require(bool(self.ratings), "ratings", "set it to a table of human ratings (csv, tsv, parquet, json, jsonl)")
         require(self.engagement_log_base > 1, "engagement_log_base", f"must be > 1, got {self.engagement_log_base}")
         require(self.bootstrap_samples > 0, "bootstrap_samples", f"must be positive, got {self.bootstrap_samples}")
         require(0 < self.confidence < 1, "confidence", f"must be in (0, 1), got {self.confidence}")
@@ -105,33 +103,13 @@ class ValidateScorerConfig:
         unknown = set(self.weights) - set(self.scorers)
         require(not unknown, "weights", f"weights given for scorers not requested: {sorted(unknown)}")
 
+    def require_runnable(self) -> None:
+        """What a run needs beyond valid values (the defaults lack it): the ratings table."""
+        if not self.ratings:
+            raise ConfigError("config error: validate_scorer.ratings: set it to a table of human ratings (csv, tsv, parquet, json, jsonl)")
+
 
 # --------------------------------------------------------------------------- reading tables
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A csv/tsv/parquet/jsonl file, or a JSON list of records or object of ``{id: record}``
-    (the object key becomes column ``__key__``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"table not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
-                return pd.DataFrame([{JSON_KEY: key, **record} for key, record in data.items()])
-            if isinstance(data, list) and all(isinstance(v, dict) for v in data):
-                return pd.DataFrame(data)
-            raise UserError(f"{path}: a JSON table is a list of records or an object of {{id: record}}")
-        readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True)}
-        if suffix not in readers:
-            raise UserError(f"{path}: unsupported table type '{suffix}' (csv, tsv, parquet, json, jsonl)")
-        return readers[suffix](path)
-    except UserError:
-        raise
-    except Exception as exc:  # malformed file: name it
-        raise UserError(f"{path}: cannot read table: {str(exc).splitlines()[0]}") from None
 
 
 def _column(df: pd.DataFrame, wanted: str | None, candidates: Sequence[str], source: str, what: str, required: bool = True) -> str | None:
@@ -488,6 +466,7 @@ def run_validation(cfg: ValidateScorerConfig) -> ValidationSummary:
     Output in ``output_dir``: ``correlations.csv``, ``pairwise.csv`` (when images share prompts),
     ``images.parquet`` (ratings joined to every metric), ``report.md``, ``results.json``,
     ``config.yaml``; ``scores/`` is the scoring run of ``scorers`` (reused by a rerun)."""
+    cfg.require_runnable()
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from sr_finetune.config import require, to_yaml
-from sr_finetune.errors import UserError
+from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_table
 from sr_finetune.models import resolve_device
 
@@ -68,7 +68,6 @@ class AestheticTrainConfig:
     output_dir: str = "runs/social_aesthetic"
 
     def validate(self) -> None:
-        require(bool(self.scores), "scores", "set it to a scoring run's output_dir that wrote embeddings (score.embeddings=[clip])")
         require(self.objective in OBJECTIVES, "objective", f"must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
         for name in BUCKETS:
             bounds = getattr(self, name)
@@ -81,6 +80,11 @@ class AestheticTrainConfig:
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(0 <= self.held_out < 1, "held_out", f"must be in [0, 1), got {self.held_out}")
         require(self.cpu_threads is None or self.cpu_threads > 0, "cpu_threads", f"must be positive, got {self.cpu_threads}")
+
+    def require_runnable(self) -> None:
+        """What a run needs beyond valid values (the defaults lack it): the scoring run."""
+        if not self.scores:
+            raise ConfigError("config error: social_aesthetic.scores: set it to a scoring run's output_dir that wrote embeddings (score.embeddings=[clip])")
 
 
 # --------------------------------------------------------------------------- labels
@@ -233,6 +237,7 @@ def run_aesthetic_training(cfg: AestheticTrainConfig) -> AestheticTrainSummary:
     Output: ``social_aesthetic.safetensors`` + ``social_aesthetic.json`` (load with
     ``load_reward("social_aesthetic", weights=output_dir)``), ``held_out.parquet`` (image_id,
     engagement, bucket, score), ``summary.json`` and ``config.yaml``."""
+    cfg.require_runnable()
     start = time.perf_counter()
     scores_dir = Path(cfg.scores)
     scoring = _scoring_settings(scores_dir)

@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device
 
-from .base import RewardModel, register_reward
-from .clip_scorers import l2_normalize_keep_zero, resolve_clip_weights
+from .base import register_reward
+from .clip_scorers import CLIPImageReward, l2_normalize_keep_zero, resolve_clip_weights
 from .openai_clip import OpenAICLIPBackbone, load_openai_clip_backbone, resolve_weights_file
-from .preprocess import openai_clip_key, openai_clip_transform
 
 HEAD_FILE = "social_aesthetic.safetensors"
 NOTE_FILE = "social_aesthetic.json"
@@ -126,33 +124,14 @@ def load_head(weights: str | os.PathLike) -> tuple[SocialAestheticHead, dict[str
     return head.eval(), note
 
 
-class SocialAestheticReward(RewardModel):
+class SocialAestheticReward(CLIPImageReward):
     """Engagement-trained aesthetic score on a CLIP backbone; the prompt is ignored."""
 
     name = "social_aesthetic"
 
     def __init__(self, backbone: OpenAICLIPBackbone, head: SocialAestheticHead):
-        super().__init__()
-        self.backbone = backbone  # registered first: its dtype is the one pixels are fed in
+        super().__init__(backbone)
         self.head = head.float()
-        self.transform = openai_clip_transform(backbone.image_size)
-
-    @property
-    def preprocess_key(self) -> str:
-        return openai_clip_key(self.backbone.image_size)
-
-    @property
-    def tokenize_key(self) -> str:
-        return "empty"
-
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return torch.zeros(len(prompts), 0, dtype=torch.long)
-
-    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image(pixel_values)
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor | None = None) -> torch.Tensor:
         return self.head.score(self.backbone.encode_image(pixel_values))

@@ -91,11 +91,14 @@ def test_over_represented_clusters_rank_by_kl_contribution():
     assert top.loc["b", "cluster_size"] == 30
 
 
-def test_config_needs_two_datasets():
-    with pytest.raises(ConfigError, match="prompt_analysis.datasets: name at least two datasets"):
-        from sr_finetune.experiment import ExperimentConfig
+def test_config_needs_two_datasets(tmp_path):
+    from sr_finetune.experiment import ExperimentConfig
 
-        load_config(ExperimentConfig, None, ["datasets.parti.prompts=parti"], section="prompt_analysis")
+    cfg = load_config(ExperimentConfig, None, ["datasets.parti.prompts=parti", f"output_dir={tmp_path}"], section="prompt_analysis")
+    with pytest.raises(ConfigError, match="prompt_analysis.datasets: name at least two datasets"):
+        run_prompt_analysis(cfg.prompt_analysis)
+    with pytest.raises(ConfigError, match="prompt_analysis.words: must be positive, got 0"):
+        load_config(ExperimentConfig, None, ["words=0"], section="prompt_analysis")
 
 
 def _real_config(shared_data, output_dir) -> PromptAnalysisConfig:

@@ -149,5 +149,7 @@ def test_missing_engagement_column_and_unscored_run_are_one_line_errors(engageme
     _, score_cfg, _ = engagement_world
     with pytest.raises(UserError, match="engagement.csv: no column 'favs'"):
         run_aesthetic_training(AestheticTrainConfig(scores=score_cfg.output_dir, engagement_column="favs", output_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="social_aesthetic.scores: set it to a scoring run's output_dir"):
+        run_aesthetic_training(AestheticTrainConfig(output_dir=str(tmp_path)))
     with pytest.raises(UserError, match="no config.yaml"):
         run_aesthetic_training(AestheticTrainConfig(scores=str(tmp_path), output_dir=str(tmp_path / "o")))

@@ -117,6 +117,8 @@ def test_bad_tables_are_one_line_errors(tmp_path):
         run_validation(ValidateScorerConfig(ratings=str(table), rating_column="stars", score_columns=["clip"], output_dir=str(tmp_path / "o")))
     with pytest.raises(UserError, match="table not found"):
         read_ratings(ValidateScorerConfig(ratings=str(tmp_path / "missing.csv")))
+    with pytest.raises(UserError, match="validate_scorer.ratings: set it to a table of human ratings"):
+        run_validation(ValidateScorerConfig(output_dir=str(tmp_path / "o")))
 
 
 def test_tifa_human_annotations_reproduce_the_published_correlations(shared_data, tmp_path):
