@@ -8,6 +8,9 @@ loader streams all of a process's parts, so the workers never idle at a part bou
 finished part has its ``scores/part-XXXXX.parquet`` (and ``errors/part-XXXXX.parquet``) and is
 never redone, so a crash loses at most the part in flight. Unreadable images (missing, empty,
 truncated, not an image) are recorded with their reason in the errors part, never dropped.
+With ``embeddings: [metric]`` the run also writes that metric's image embedding of every scored
+row to ``embeddings/<metric>/part-XXXXX.npy`` (float32, the scores part's row order), before the
+scores part; a part without it is redone (:func:`read_embeddings` reads them back).
 """
 
 from __future__ import annotations
@@ -321,8 +324,9 @@ def iter_scored_parts(
     """Score the row ranges ``parts`` = [(part, start, stop)] of ``rows`` through one DataLoader,
     so the workers stay busy across part boundaries; yield (part, scores, errors) as each part
     completes. Each metric of ``embed`` adds a column :func:`embedding_column` to the scores:
-    the image embedding of each row (float32 arrays), computed from the same forward. On a CPU device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`)
-    and freed activations are kept for reuse (:func:`reuse_freed_memory`)."""
+    the image embedding of each row (float32 arrays), computed from the same forward. On a CPU
+    device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`) and freed
+    activations are kept for reuse (:func:`reuse_freed_memory`)."""
     if device.type == "cpu":
         reuse_freed_memory()
     plan = plan_inputs(scorers)
