@@ -35,10 +35,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from sr_finetune.config import require, to_yaml
+from sr_finetune.config import prepare_output_dir, require
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet
 from sr_finetune.prompts import load_prompts
+
+from .report import frame_to_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +249,7 @@ def kl_table(counts: pd.DataFrame, alpha: float) -> pd.DataFrame:
     dist = smoothed_distribution(counts.to_numpy(), alpha)
     names = list(counts.index)
     table = pd.DataFrame([[kl_divergence(dist[i], dist[j]) for j in range(len(names))] for i in range(len(names))], index=names, columns=names)
-    table.index.name = "KL(row || column)"
+    table.index.name = "KL(row ‖ column)"
     return table
 
 
@@ -329,15 +331,6 @@ def _cluster_examples(frame: pd.DataFrame, dataset: str, cluster: int, count: in
     return mine.prompt.iloc[np.sort(picked)].tolist()
 
 
-def _markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    header = "| " + " | ".join(map(str, [frame.index.name or "", *frame.columns])) + " |"
-    lines = [header, "|" + " --- |" * (len(frame.columns) + 1)]
-    for index, row in frame.iterrows():
-        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([str(index), *cells]) + " |")
-    return "\n".join(lines)
-
-
 def write_report(out: Path, cfg: PromptAnalysisConfig, samples: list[SampledPrompts], kl: pd.DataFrame, top: pd.DataFrame, frame: pd.DataFrame) -> str:
     """``report.md``: selection counts, the KL table, each dataset's over-represented clusters."""
     size = len(samples[0].prompts)
@@ -352,7 +345,7 @@ def write_report(out: Path, cfg: PromptAnalysisConfig, samples: list[SampledProm
     ]
     for s in samples:
         lines.append(f"| {s.name} | {s.checked} | {', '.join(f'{n} {r}' for r, n in s.left_out.items() if n) or 'none'} |")
-    lines += ["", "## KL divergence between cluster distributions (nats)", "", _markdown_table(kl), "", "![t-SNE](tsne.png)", ""]
+    lines += ["", "## KL divergence between cluster distributions (nats)", "", frame_to_markdown(kl.reset_index()), "", "![t-SNE](tsne.png)", ""]
     lines += ["## Where each dataset is over-represented", ""]
     for name, rows in top.groupby("dataset", sort=False):
         lines.append(f"### {name}")
@@ -380,9 +373,7 @@ def run_prompt_analysis(cfg: PromptAnalysisConfig) -> PromptAnalysisSummary:
     with the same prompts and embedder."""
     cfg.require_runnable()
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    out = prepare_output_dir(cfg.output_dir, cfg)
     samples = sample_datasets(cfg)
     names = [s.name for s in samples]
     frame = pd.DataFrame(

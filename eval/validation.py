@@ -34,10 +34,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from sr_finetune.config import require, to_yaml
+from sr_finetune.config import prepare_output_dir, require
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import JSON_KEY, atomic_write_parquet, read_table
 
+from .report import frame_to_markdown
 from .stats import Bootstrap, bootstrap_ratio_ci
 
 logger = logging.getLogger(__name__)
@@ -422,13 +423,6 @@ class ValidationSummary:
         )
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + " --- |" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
 def _with_ci(frame: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
     shown = frame[["metric", "subset", "n"]].copy()
     for name in names:
@@ -449,13 +443,13 @@ def write_report(out: Path, cfg: ValidateScorerConfig, ratings: Ratings, corr: p
         "",
         "## Correlation with the mean human rating, all images",
         "",
-        _markdown(_with_ci(corr[corr.subset == "all"], STATISTICS)),
+        frame_to_markdown(_with_ci(corr[corr.subset == "all"], STATISTICS)),
         "",
     ]
     if (corr.subset != "all").any():
-        lines += [f"## Per popularity bucket (log base {cfg.engagement_log_base:g} engagement)", "", _markdown(_with_ci(corr[corr.subset != "all"], STATISTICS)), ""]
+        lines += [f"## Per popularity bucket (log base {cfg.engagement_log_base:g} engagement)", "", frame_to_markdown(_with_ci(corr[corr.subset != "all"], STATISTICS)), ""]
     if pairs is not None:
-        lines += ["## Pairwise agreement with people (image pairs of the same prompt)", "", _markdown(pairs), ""]
+        lines += ["## Pairwise agreement with people (image pairs of the same prompt)", "", frame_to_markdown(pairs), ""]
     lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -468,9 +462,7 @@ def run_validation(cfg: ValidateScorerConfig) -> ValidationSummary:
     ``config.yaml``; ``scores/`` is the scoring run of ``scorers`` (reused by a rerun)."""
     cfg.require_runnable()
     start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    out = prepare_output_dir(cfg.output_dir, cfg)
     ratings = read_ratings(cfg)
     if ratings.skipped:
         logger.warning("validate-scorer: %s: skipped %s", ratings.source, _skip_text(ratings.skipped))

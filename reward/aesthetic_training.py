@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sr_finetune.config import require, to_yaml
+from sr_finetune.config import prepare_output_dir, require
 from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.io import atomic_write_parquet, read_table
 from sr_finetune.models import resolve_device
@@ -266,8 +266,7 @@ def run_aesthetic_training(cfg: AestheticTrainConfig) -> AestheticTrainSummary:
     held_scores = head_scores(head, embeddings[is_held_out])
     metrics = held_out_metrics(held_scores, engagement[is_held_out], labels[is_held_out], cfg.objective)
     trained_on = {name: int((labels[train] == k).sum()) for k, name in enumerate(BUCKETS)}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(cfg.output_dir, cfg)
     note = {
         "clip": _clip_note(scoring, cfg.embedding_metric),
         "percentiles": {name: list(getattr(cfg, name)) for name in BUCKETS},
@@ -280,7 +279,6 @@ def run_aesthetic_training(cfg: AestheticTrainConfig) -> AestheticTrainSummary:
     save_head(head, out, note)
     bucket_names = np.array([*BUCKETS, None], dtype=object)[labels[is_held_out]]  # label -1 (no bucket) -> None
     atomic_write_parquet(pd.DataFrame({"image_id": ids[is_held_out], "engagement": engagement[is_held_out], "bucket": bucket_names, "score": held_scores}), out / "held_out.parquet")
-    (out / "config.yaml").write_text(to_yaml(cfg))
     summary = AestheticTrainSummary(str(out), trained_on, metrics, skipped, time.perf_counter() - start)
     (out / "summary.json").write_text(json.dumps({**asdict(summary), "final_loss": losses[-1], "thresholds": thresholds}, indent=2), encoding="utf-8")
     return summary

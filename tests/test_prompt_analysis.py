@@ -134,7 +134,7 @@ def test_analysis_of_real_prompt_sets_writes_tables_report_and_plot_deterministi
     png = (out / "tsne.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     report = (out / "report.md").read_text()
-    assert "KL(row || column)" in report and "### pickapic" in report and "smoothing alpha = 0.5" in report
+    assert "| KL(row ‖ column) | parti | pickapic | hpdv2 |" in report and "### pickapic" in report and "smoothing alpha = 0.5" in report
     results = json.loads((out / "results.json").read_text())
     assert [s["sampled"] for s in results["selection"]] == [40, 40, 40]
     assert len(results["over_represented"]) == 6
