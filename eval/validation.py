@@ -77,7 +77,7 @@ class ValidateScorerConfig:
     group_column: Optional[str] = None  # images compared in pairs; default: prompt_id or text_id, else the prompt
     engagement_column: Optional[str] = None  # popularity buckets (e.g. likes); none: overall only
     engagement_log_base: float = 10.0
-    score_columns: list[str] = field(default_factory=list)  # precomputed scores in the ratings or scores table
+    score_columns: list[str] = field(default_factory=list)  # precomputed scores: columns of the scores table if given, else of the ratings table
     scores_table: Optional[str] = None  # a separate table of scores joined on the image id (e.g. scores.parquet)
     scorers: list[str] = field(default_factory=list)  # registered scorers to run on the images
     weights: dict[str, str] = field(default_factory=dict)  # scorer -> weights path / hub id
@@ -352,7 +352,7 @@ def gather_scores(cfg: ValidateScorerConfig, ratings: Ratings, out: Path) -> tup
         if scores.image_id.duplicated().any():
             raise UserError(f"{cfg.scores_table}: image id '{scores.image_id[scores.image_id.duplicated()].iloc[0]}' appears more than once")
         images = images.drop(columns=[c for c in columns if c in images]).merge(scores, on="image_id", how="left")
-        metrics = columns if not cfg.score_columns else metrics
+        metrics = list(columns)
     else:
         missing = [c for c in metrics if c not in images]
         if missing:

@@ -142,6 +142,20 @@ def test_tifa_human_annotations_reproduce_the_published_correlations(shared_data
     assert "mean rating 3.890" in (tmp_path / "report.md").read_text()
 
 
+def test_scores_table_is_joined_on_the_image_id(shared_data, tmp_path):
+    tifa = shared_data / "ratings" / "tifa"
+    with_scores = json.loads((tifa / "human_annotations_with_scores.json").read_text())
+    scores = pd.DataFrame({"image_id": list(with_scores), "clip_b32": [r["clipscore_vitb32"] for r in with_scores.values()]})
+    scores.iloc[::-1].iloc[:-10].to_parquet(tmp_path / "scores.parquet")  # another order, 10 images unscored
+    cfg = ValidateScorerConfig(ratings=str(tifa / "human_annotations.json"), scores_table=str(tmp_path / "scores.parquet"), bootstrap_samples=20, output_dir=str(tmp_path / "o"))
+    run_validation(cfg)
+    row = pd.read_csv(tmp_path / "o" / "correlations.csv").iloc[0]
+    assert row.metric == "clip_b32" and row.n == 790 and row.missing == 10
+    ratings = {k: r["human_avg"] for k, r in with_scores.items()}
+    kept = scores.iloc[::-1].iloc[:-10]
+    assert row.pearson == pytest.approx(np.corrcoef(kept.clip_b32, kept.image_id.map(ratings))[0, 1], abs=1e-12)
+
+
 def test_registered_scorer_runs_on_real_images_and_per_bucket_report(shared_data, tmp_path, tiny_rewards):
     from reward import load_reward
     from PIL import Image
