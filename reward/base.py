@@ -52,6 +52,14 @@ class RewardModel(torch.nn.Module, abc.ABC):
     def score(self, pixel_values: torch.Tensor, text_inputs: Any) -> torch.Tensor:
         """Batched scores, float tensor [N]; row i scores image i against prompt i."""
 
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image embedding [N, D] the score is computed from, for scorers that have one (the
+        CLIP-backbone scorers: the unnormalised CLIP image embedding); see ``ScoreConfig.embeddings``."""
+        raise UserError(f"metric '{self.name}' has no image embedding to write (CLIP-backbone scorers have one: clip, social_reward, aesthetic, social_aesthetic)")
+
+    def has_image_embedding(self) -> bool:
+        return type(self).embed_image is not RewardModel.embed_image
+
     @torch.no_grad()
     def score_images(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         """Convenience for small inputs: preprocess, tokenize and score in one call."""
@@ -168,7 +176,7 @@ def _import_builtin_scorers() -> None:
     """Import the modules whose ``@register_reward`` calls fill the registry."""
     import importlib
 
-    for module in ("reward.clip_scorers", "reward.hpsv2", "reward.pickscore", "reward.imagereward"):
+    for module in ("reward.clip_scorers", "reward.hpsv2", "reward.pickscore", "reward.imagereward", "reward.social_aesthetic"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

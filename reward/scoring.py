@@ -8,6 +8,9 @@ loader streams all of a process's parts, so the workers never idle at a part bou
 finished part has its ``scores/part-XXXXX.parquet`` (and ``errors/part-XXXXX.parquet``) and is
 never redone, so a crash loses at most the part in flight. Unreadable images (missing, empty,
 truncated, not an image) are recorded with their reason in the errors part, never dropped.
+With ``embeddings: [metric]`` the run also writes that metric's image embedding of every scored
+row to ``embeddings/<metric>/part-XXXXX.npy`` (float32, the scores part's row order), before the
+scores part; a part without it is redone (:func:`read_embeddings` reads them back).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,8 +31,8 @@ from PIL import Image
 from sr_finetune.config import require, to_yaml
 from sr_finetune.cpu_memory import reuse_freed_memory
 from sr_finetune.errors import ConfigError, UserError
-from sr_finetune.io import atomic_write_parquet, read_parts
-from sr_finetune.tables import blank_cells, describe_skipped, read_csv_as_text, text_cells
+from sr_finetune.io import atomic_write_parquet, read_parts, read_table
+from sr_finetune.tables import blank_cells, describe_skipped, text_cells
 
 from .base import RewardModel, load_rewards, to_device
 
@@ -49,6 +52,7 @@ class ScoreConfig:
     prompt_column: str = "prompt"
     id_column: Optional[str] = None  # default: image_id if present, else the path
     metrics: list[str] = field(default_factory=lambda: ["social_reward"])
+    embeddings: list[str] = field(default_factory=list)  # metrics whose image embeddings are also written (embeddings/<metric>/part-*.npy)
     weights: dict[str, str] = field(default_factory=dict)  # metric -> weights path / hub id
     options: dict[str, Any] = field(default_factory=dict)  # metric -> loader keyword arguments
     output_dir: str = "runs/scores"
@@ -73,6 +77,8 @@ class ScoreConfig:
         )
         unknown = set(self.weights) - set(self.metrics)
         require(not unknown, "weights", f"weights given for metrics not requested: {sorted(unknown)}")
+        unscored = [m for m in self.embeddings if m not in self.metrics]
+        require(not unscored, "embeddings", f"embeddings of metrics not requested: {unscored} (add them to metrics)")
 
 
 @dataclass
@@ -102,13 +108,7 @@ def read_image_rows(cfg: ScoreConfig) -> ImageRows:
 
         return _complete_rows(read_manifest(cfg.generations).reset_index(drop=True), "path", "prompt", "image_id", None, cfg.generations)
     table = Path(cfg.image_table)
-    if not table.is_file():
-        raise UserError(f"image table not found: {table}")
-    suffix = table.suffix.lower()
-    readers = {".csv": read_csv_as_text, ".tsv": lambda p: read_csv_as_text(p, sep="\t"), ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
-    if suffix not in readers:
-        raise UserError(f"{table}: unsupported image table type '{suffix}' (csv, tsv, parquet, json, jsonl)")
-    df = readers[suffix](table)
+    df = read_table(table, csv_as_text=True)
     for column in (cfg.path_column, cfg.prompt_column):
         if column not in df.columns:
             raise UserError(f"{table}: no column '{column}' (columns: {', '.join(map(str, df.columns))})")
@@ -258,17 +258,22 @@ def _as_is(batch: dict) -> dict:
 class _PartResult:
     """Scores and errors of one part (rows ``start:stop``), filled batch by batch."""
 
-    def __init__(self, part: int, start: int, stop: int, metrics: list[str]):
+    def __init__(self, part: int, start: int, stop: int, metrics: list[str], embed: Sequence[str] = ()):
         self.part, self.start, self.stop = part, start, stop
         self.values = {name: np.full(stop - start, np.nan) for name in metrics}
+        self.embeddings: dict[str, np.ndarray | None] = dict.fromkeys(embed)  # [rows, D], made at the first batch
         self.ok = np.zeros(stop - start, dtype=bool)
         self.bad: list[tuple[int, str]] = []
         self.seen = 0
 
-    def add(self, batch: dict, scores: dict[str, torch.Tensor]) -> None:
+    def add(self, batch: dict, scores: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor] | None = None) -> None:
         local = np.asarray(batch["i"], dtype=np.int64) - self.start
         for name, values in scores.items():
             self.values[name][local] = values.numpy()
+        for name, values in (embeddings or {}).items():
+            if self.embeddings[name] is None:
+                self.embeddings[name] = np.full((self.stop - self.start, values.shape[1]), np.nan, dtype=np.float32)
+            self.embeddings[name][local] = values.numpy()
         self.ok[local] = True
         self.bad += batch["bad"]
         self.seen += len(batch["i"]) + len(batch["bad"])
@@ -279,6 +284,8 @@ class _PartResult:
 
     def frames(self, ids: np.ndarray, paths: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
         scores = pd.DataFrame({"image_id": ids[self.start : self.stop][self.ok], **{n: v[self.ok] for n, v in self.values.items()}})
+        for name, vectors in self.embeddings.items():  # one array per row; run_scoring writes them apart
+            scores[embedding_column(name)] = list(vectors[self.ok]) if vectors is not None else []
         errors = pd.DataFrame([(ids[i], paths[i], reason) for i, reason in self.bad], columns=ERROR_COLUMNS)
         return scores, errors
 
@@ -315,10 +322,19 @@ class ForwardThreads:
         torch.set_num_threads(self.before)
 
 
-def _score_batch(batch: dict, scorers: dict[str, RewardModel], plan: InputPlan, dtypes: dict[str, torch.dtype], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every scorer's forward on one batch; each shared input goes to the device once."""
+def embedding_column(metric: str) -> str:
+    """The column of a scores frame that holds ``metric``'s image embeddings (see ``embed``)."""
+    return f"{metric}.embedding"
+
+
+def _score_batch(
+    batch: dict, scorers: dict[str, RewardModel], plan: InputPlan, dtypes: dict[str, torch.dtype], device: torch.device, embed: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every scorer's forward on one batch, and the image embeddings of the ``embed`` metrics;
+    each shared input goes to the device once."""
     moved: dict[Any, Any] = {}
     out = {}
+    embeddings = {}
     for name, scorer in scorers.items():
         pixel_key, text_key = (plan.pixel_keys[name], dtypes[name]), plan.text_keys[name]
         if pixel_key not in moved:
@@ -326,7 +342,9 @@ def _score_batch(batch: dict, scorers: dict[str, RewardModel], plan: InputPlan, 
         if text_key not in moved:
             moved[text_key] = to_device(batch["text"][text_key], device)
         out[name] = scorer.score(moved[pixel_key], moved[text_key]).detach().double().cpu()
-    return out
+        if name in embed:
+            embeddings[name] = scorer.embed_image(moved[pixel_key]).detach().float().cpu()
+    return out, embeddings
 
 
 def iter_scored_parts(
@@ -339,11 +357,14 @@ def iter_scored_parts(
     device: torch.device,
     progress: Any = None,
     cpu_threads: int | None = None,
+    embed: Sequence[str] = (),
 ) -> Iterator[tuple[int, pd.DataFrame, pd.DataFrame]]:
     """Score the row ranges ``parts`` = [(part, start, stop)] of ``rows`` through one DataLoader,
     so the workers stay busy across part boundaries; yield (part, scores, errors) as each part
-    completes. On a CPU device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`)
-    and freed activations are kept for reuse (:func:`reuse_freed_memory`)."""
+    completes. Each metric of ``embed`` adds a column :func:`embedding_column` to the scores:
+    the image embedding of each row (float32 arrays), computed from the same forward. On a CPU
+    device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`) and freed
+    activations are kept for reuse (:func:`reuse_freed_memory`)."""
     if device.type == "cpu":
         reuse_freed_memory()
     plan = plan_inputs(scorers)
@@ -358,13 +379,16 @@ def iter_scored_parts(
         worker_init_fn=_yield_cpu_to_forward if device.type == "cpu" else None,
     )
     ids, paths = rows.image_id.to_numpy(), rows.path.to_numpy()
-    pending = (_PartResult(*part, list(scorers)) for part in parts)
+    missing = [name for name in embed if not scorers[name].has_image_embedding()]
+    if missing:
+        scorers[missing[0]].embed_image(torch.empty(0))  # raises the scorer's one-line error
+    pending = (_PartResult(*part, list(scorers), embed) for part in parts)
     current = next(pending)
     threads = ForwardThreads(num_workers, cpu_threads) if device.type == "cpu" else None
     try:
         with torch.inference_mode():
             for batch in loader:
-                current.add(batch, _score_batch(batch, scorers, plan, dtypes, device) if batch["i"] else {})
+                current.add(batch, *(_score_batch(batch, scorers, plan, dtypes, device, embed) if batch["i"] else ({}, {})))
                 if progress is not None:
                     progress.update(len(batch["i"]) + len(batch["bad"]))
                 if current.complete:
@@ -431,6 +455,22 @@ def _part_file(output_dir: Path, kind: str, part: int) -> Path:
     return output_dir / kind / f"part-{part:05d}.parquet"
 
 
+def _embedding_file(output_dir: Path, metric: str, part: int) -> Path:
+    return output_dir / "embeddings" / metric / f"part-{part:05d}.npy"
+
+
+def _part_done(output_dir: Path, part: int, embed: Sequence[str]) -> bool:
+    """A part is finished when its scores part and the embeddings asked for exist."""
+    return _part_file(output_dir, "scores", part).exists() and all(_embedding_file(output_dir, m, part).exists() for m in embed)
+
+
+def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
 def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], dict[str, RewardModel]] = load_scorers) -> ScoringSummary:
     """Score this process's parts, then (main process) merge them into ``scores.parquet``.
 
@@ -455,7 +495,7 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
     n_parts = -(-len(rows) // cfg.rows_per_part)
-    todo = [k for k in range(state.process_index, n_parts, state.num_processes) if not _part_file(output_dir, "scores", k).exists()]
+    todo = [k for k in range(state.process_index, n_parts, state.num_processes) if not _part_done(output_dir, k, cfg.embeddings)]
     start = time.perf_counter()
     if todo:
         device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
@@ -467,10 +507,14 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
         with tqdm(total=total, unit="img", desc=f"score [{state.process_index}/{state.num_processes}]", position=state.process_index) as bar:
             parts = [(k, k * cfg.rows_per_part, min((k + 1) * cfg.rows_per_part, len(rows))) for k in todo]
             scored = iter_scored_parts(
-                rows, scorers, parts, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=bar, cpu_threads=cfg.cpu_threads
+                rows, scorers, parts, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=bar,
+                cpu_threads=cfg.cpu_threads, embed=cfg.embeddings,
             )
             for k, scores, errors in scored:
-                # errors first: a scores part is the "finished" marker
+                # errors and embeddings first: a scores part is the "finished" marker
+                for name in cfg.embeddings:
+                    vectors = scores.pop(embedding_column(name))
+                    _atomic_save_npy(np.stack(vectors.tolist()) if len(vectors) else np.zeros((0, 0), np.float32), _embedding_file(output_dir, name, k))
                 atomic_write_parquet(errors, _part_file(output_dir, "errors", k))
                 atomic_write_parquet(scores, _part_file(output_dir, "scores", k))
     seconds = time.perf_counter() - start
@@ -488,6 +532,34 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
 def read_scores(output_dir: str | Path) -> pd.DataFrame:
     """All score parts of a scoring folder: ``image_id`` + one column per metric."""
     return read_parts(Path(output_dir) / "scores")
+
+
+def read_embeddings(output_dir: str | Path, metric: str, image_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The image embeddings a scoring run wrote for ``metric``: (image ids [N], float32 [N, D]),
+    part after part in the scores parts' row order; with ``image_ids``, only those rows (parts
+    are memory-mapped, so a subset of a large run costs only its own rows)."""
+    output_dir = Path(output_dir)
+    files = sorted((output_dir / "scores").glob("part-*.parquet"))
+    if not files:
+        raise UserError(f"{output_dir}: no scoring parts (run the score stage first)")
+    wanted = None if image_ids is None else set(map(str, image_ids))
+    ids, vectors = [], []
+    for scores_file in files:
+        npy = output_dir / "embeddings" / metric / scores_file.name.replace(".parquet", ".npy")
+        if not npy.is_file():
+            raise UserError(f"{output_dir}: no {metric} embeddings for {scores_file.name} (score with embeddings=[{metric}])")
+        part_ids = pd.read_parquet(scores_file, columns=["image_id"]).image_id.astype(str).to_numpy()
+        part = np.load(npy, mmap_mode="r")
+        if len(part) != len(part_ids):
+            raise UserError(f"{npy}: {len(part)} embeddings for {len(part_ids)} scored rows")
+        if len(part_ids) == 0:  # every image of the part unreadable
+            continue
+        keep = np.ones(len(part_ids), dtype=bool) if wanted is None else np.fromiter((i in wanted for i in part_ids), bool, len(part_ids))
+        ids.append(part_ids[keep])
+        vectors.append(np.asarray(part[keep], dtype=np.float32))
+    if not vectors:
+        return np.zeros(0, dtype=object), np.zeros((0, 0), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors)
 
 
 def read_errors(output_dir: str | Path) -> pd.DataFrame:

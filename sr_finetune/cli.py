@@ -6,6 +6,7 @@
     sr-finetune curate | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
+    sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -91,6 +92,24 @@ def _evaluate(cfg):
     from eval.harness import run_evaluation
 
     return run_evaluation(cfg)
+
+
+def _analyze_prompts(cfg):
+    from eval.prompts import run_prompt_analysis
+
+    return run_prompt_analysis(cfg)
+
+
+def _validate_scorer(cfg):
+    from eval.validation import run_validation
+
+    return run_validation(cfg)
+
+
+def _train_aesthetic(cfg):
+    from reward.aesthetic_training import run_aesthetic_training
+
+    return run_aesthetic_training(cfg)
 
 
 def _run_tiny_model(args: argparse.Namespace) -> int:
@@ -185,6 +204,14 @@ STAGES = [
     ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
 ]
 
+# (subcommand, config section, runner, help): analyses and tools with a config section, outside the flow
+# (``run`` does not run them)
+TOOLS = [
+    ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
+    ("train-aesthetic", "social_aesthetic", _train_aesthetic, "train the social_aesthetic scorer: a head on CLIP embeddings predicting engagement buckets"),
+    ("validate-scorer", "validate_scorer", _validate_scorer, "correlate scores with human ratings: Pearson/Spearman/Kendall with CIs, per popularity bucket, pairwise agreement"),
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-finetune", description="Reward-guided fine-tuning of text-to-image diffusion models.")
@@ -205,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    for command, section, run, help_text in STAGES:
+    for command, section, run, help_text in STAGES + TOOLS:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from eval.config import EvaluateConfig
 from reward.accuracy import AccuracyConfig
 from reward.curate import CurateConfig
+from eval.prompts import PromptAnalysisConfig
+from eval.validation import ValidateScorerConfig
+from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -30,3 +33,6 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
+    validate_scorer: ValidateScorerConfig = field(default_factory=ValidateScorerConfig)
+    social_aesthetic: AestheticTrainConfig = field(default_factory=AestheticTrainConfig)
