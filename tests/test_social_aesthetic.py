@@ -34,7 +34,7 @@ def engagement_world(tmp_path_factory):
         pixels = np.clip(40 + 170 * c + texture, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(root / f"img{i:03d}.png")
         likes = int(round(np.exp(6 * c + rng.normal(0, 0.3))))
-        rows.append({"image_id": f"img{i:03d}", "path": f"img{i:03d}.png", "prompt": "", "likes": likes, "cue": c})
+        rows.append({"image_id": f"img{i:03d}", "path": f"img{i:03d}.png", "prompt": "a photo", "likes": likes, "cue": c})
     pd.DataFrame(rows).to_csv(root / "engagement.csv", index=False)
     clip = make_tiny_openai_clip(root / "clip.pt", seed=0)
     score_cfg = ScoreConfig(
