@@ -38,7 +38,7 @@ CONTEXT_LENGTH = 24  # tokens: the longest caption (14) plus a negative token su
 @dataclass
 class BaseTrainConfig:
     out_dir: str
-    vae_steps: int = 250
+    vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     steps: int = 1200  # UNet + text encoder
@@ -208,8 +208,6 @@ def train_unet(unet, text_encoder, vae, tokenizer, cfg: BaseTrainConfig, prompts
 
 def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     """Train (or resume) the world's base model; returns the pipeline folder ``out_dir/model``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -254,14 +252,37 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
         ckpt.load_optimizer(optimizer)
     train_unet(unet, text_encoder, vae, tokenizer, cfg, prompts, ckpt, start, optimizer, scaling)
 
+    model = write_pipeline(out / "model", vae, unet, text_encoder, tokenizer, scaling)
+    logger.info("world base model written to %s (%.1f min this session)", model, (time.time() - started) / 60)
+    return model
+
+
+def write_pipeline(model_dir: Path, vae, unet, text_encoder, tokenizer, scaling: float) -> Path:
+    """Save the three models as a ``StableDiffusionPipeline`` folder (DDIM, SD-2.1's schedule)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     vae.register_to_config(scaling_factor=scaling)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=DDIMScheduler.from_config(scheduler_config()), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(out / "model", safe_serialization=True)
-    logger.info("world base model written to %s (%.1f min this session)", out / "model", (time.time() - started) / 60)
-    return out / "model"
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
 
 
-__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]
+def export_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """The pipeline folder ``out_dir/model`` from the run's latest checkpoint (UNet phase), e.g.
+    to evaluate a run that is still training or was stopped early."""
+    out = Path(out_dir)
+    ckpt = Checkpoint(out)
+    if not ckpt.exists() or ckpt.state()["phase"] != "unet":
+        raise UserError(f"{out} has no checkpoint of the UNet phase to export yet")
+    spec = WorldModelSpec.from_dict(json.loads((out / "train_base.json").read_text())["spec"])
+    vae, unet, text_encoder = build_vae(spec), build_unet(spec), build_text_encoder(spec)
+    ckpt.load_models({"vae": vae, "unet": unet, "text_encoder": text_encoder})
+    state = ckpt.state()
+    logger.info("exporting %s at UNet step %d", out, state["step"])
+    return write_pipeline(out / "model", vae, unet, text_encoder, _tokenizer(out), state["scaling_factor"])
+
+
+__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "export_checkpoint", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]
