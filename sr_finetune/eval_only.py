@@ -36,10 +36,10 @@ def mark_table(table: pd.DataFrame, metrics: Iterable[str]) -> pd.DataFrame:
     return table
 
 
-def refuse_eval_only(metric: str, where: str, table: pd.DataFrame | None = None) -> None:
-    """A one-line error if ``metric`` is evaluation-only."""
+def refuse_eval_only(metric: str, where: str, table: pd.DataFrame | None = None, error: type[UserError] = UserError) -> None:
+    """A one-line ``error`` if ``metric`` is evaluation-only."""
     if metric in eval_only_metrics(table):
-        raise UserError(f"{where}: '{metric}' is an evaluation-only metric and cannot be a training signal; pick another reward column")
+        raise error(f"{where}: '{metric}' is an evaluation-only metric and cannot be a training signal; pick another reward column")
 
 
 __all__ = ["ATTRS_KEY", "eval_only_metrics", "mark_eval_only", "mark_table", "refuse_eval_only"]

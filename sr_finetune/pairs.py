@@ -148,7 +148,7 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     if cfg.reward_column not in scores.columns:
         available = [str(c) for c in scores.columns if c != "image_id"]
         raise PairsError(f"{scores_src}: no reward column '{cfg.reward_column}' (available: {', '.join(available) or 'none'}); set reward_column")
-    refuse_eval_only(cfg.reward_column, f"{scores_src}: reward_column", scores)
+    refuse_eval_only(cfg.reward_column, f"{scores_src}: reward_column", scores, PairsError)
     skipped = dict.fromkeys(SKIP_REASONS, 0)
 
     manifest_ids = _arrow(manifest["image_id"])

@@ -24,7 +24,6 @@ from .scenes import all_prompts
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BASE_WEIGHTS, BASE_CONFIG = "base.safetensors", "base.json"
 TOKEN_IDS = "token_ids"
-TEXT_EMBEDDING = "text_encoder.text_model.embeddings.token_embedding.weight"
 COMPONENTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
 
 
@@ -76,7 +75,9 @@ def pack_pipeline(model_dir: str | os.PathLike, dest_dir: str | os.PathLike = AS
     configs["scheduler"] = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     configs["tokenizer"] = {"model_max_length": json.loads((model / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]}
     dest.mkdir(parents=True, exist_ok=True)
-    save_file(pack_state(state, [TEXT_EMBEDDING], world_token_ids()), str(dest / BASE_WEIGHTS))
+    # the key differs between transformers versions (text_model. prefix or not)
+    configs["packed_embeddings"] = [k for k in state if k.startswith("text_encoder.") and k.endswith("token_embedding.weight")]
+    save_file(pack_state(state, configs["packed_embeddings"], world_token_ids()), str(dest / BASE_WEIGHTS))
     (dest / BASE_CONFIG).write_text(json.dumps(configs, indent=1, sort_keys=True))
     return dest / BASE_WEIGHTS
 
@@ -93,7 +94,7 @@ def materialize_pipeline(out_dir: str | os.PathLike, assets_dir: str | os.PathLi
     if not (assets / BASE_WEIGHTS).is_file():
         raise UserError(f"no packed world base model in {assets} ({BASE_WEIGHTS}); train one with `sr-finetune world train-base`")
     configs = json.loads((assets / BASE_CONFIG).read_text())
-    state = unpack_state(load_file(str(assets / BASE_WEIGHTS)), [TEXT_EMBEDDING])
+    state = unpack_state(load_file(str(assets / BASE_WEIGHTS)), configs["packed_embeddings"])
     parts = {c: {k[len(c) + 1 :]: v for k, v in state.items() if k.startswith(c + ".")} for c in COMPONENTS}
     unet = UNet2DConditionModel.from_config(configs["unet"])
     vae = AutoencoderKL.from_config(configs["vae"])
