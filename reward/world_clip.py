@@ -13,7 +13,6 @@ checkpoints and ``resume`` work as in :mod:`sr_finetune.world.train_base`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from sr_finetune.errors import UserError
 from sr_finetune.world.assets import pack_state, unpack_state, world_token_ids
 from sr_finetune.world.scenes import IMAGE_SIZE, split_prompts
-from sr_finetune.world.train_base import Checkpoint, lr_at, sample_renders, seed_of
+from sr_finetune.world.train_base import lr_at, open_run, sample_renders, seed_of
 
 from .openai_clip import build_openai_clip
 from .preprocess import openai_clip_transform
@@ -84,15 +83,8 @@ def train_world_clip(cfg: ClipTrainConfig, resume: bool = False) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    ckpt = Checkpoint(out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "threads", "checkpoint_every")} | {"config": WORLD_CLIP}
-    settings_file = out / "train_clip.json"
-    if ckpt.exists() and not resume:
-        raise UserError(f"{out} already holds a training checkpoint; pass --resume to continue it or pick another folder")
-    if resume and ckpt.exists() and json.loads(settings_file.read_text()) != settings:
-        raise UserError(f"train-clip --resume: settings differ from the checkpoint's; see {settings_file}")
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    ckpt = open_run(out, settings, "train_clip.json", resume, "train-clip")
 
     torch.manual_seed(cfg.seed)
     model = build_openai_clip(WORLD_CLIP).train()

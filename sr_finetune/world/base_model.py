@@ -8,12 +8,11 @@ resolution (32 px -> 16x16x4 latents).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
-from sr_finetune.clip_vocab import VOCAB_SIZE
-from sr_finetune.tiny_models import SD21_BASE_SCHEDULER_CONFIG
+from sr_finetune import tiny_models
 
 from .scenes import IMAGE_SIZE
 
@@ -39,26 +38,22 @@ class WorldModelSpec:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def sd_spec(self) -> tiny_models.TinySDSpec:
+        """The same sizes in the tiny-model factory's terms (which builds the three models)."""
+        return tiny_models.TinySDSpec(
+            unet_channels=self.unet_channels, unet_head_dims=self.unet_heads, layers_per_block=self.layers_per_block,
+            vae_channels=self.vae_channels, text_hidden_size=self.text_width, text_layers=self.text_layers, text_heads=self.text_heads,
+            text_intermediate_size=self.text_intermediate, sample_size=self.sample_size, norm_num_groups=self.norm_num_groups,
+            cross_attention_in_every_block=True,
+        )
+
     @classmethod
     def from_dict(cls, data: dict) -> "WorldModelSpec":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def build_vae(spec: WorldModelSpec):
-    from diffusers import AutoencoderKL
-
-    n = len(spec.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(spec.vae_channels),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=spec.norm_num_groups,
-        sample_size=spec.sample_size,
-    )
+    vae = tiny_models.build_vae(spec.sd_spec())
     # Start with a narrow posterior (std e^-4): at the default init (std 1) the sampled latents
     # are mostly noise and reconstruction barely learns for hundreds of steps.
     with torch.no_grad():
@@ -69,50 +64,16 @@ def build_vae(spec: WorldModelSpec):
 
 
 def build_unet(spec: WorldModelSpec):
-    from diffusers import UNet2DConditionModel
-
-    n = len(spec.unet_channels)
-    return UNet2DConditionModel(
-        sample_size=spec.sample_size // 2 ** (len(spec.vae_channels) - 1),
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(spec.unet_channels),
-        layers_per_block=spec.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
-        attention_head_dim=tuple(spec.unet_heads),  # diffusers' legacy name: the number of heads
-        cross_attention_dim=spec.text_width,
-        use_linear_projection=True,
-        norm_num_groups=spec.norm_num_groups,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        act_fn="silu",
-        norm_eps=1e-5,
-    )
+    return tiny_models.build_unet(spec.sd_spec())
 
 
 def build_text_encoder(spec: WorldModelSpec):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=spec.text_width,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=spec.text_width,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config)
+    return tiny_models.build_text_encoder(spec.sd_spec())
 
 
 def scheduler_config() -> dict:
     """SD-2.1-base's noise schedule (epsilon prediction)."""
-    return dict(SD21_BASE_SCHEDULER_CONFIG)
+    return dict(tiny_models.SD21_BASE_SCHEDULER_CONFIG)
 
 
 __all__ = ["WorldModelSpec", "build_text_encoder", "build_unet", "build_vae", "scheduler_config"]

@@ -128,6 +128,24 @@ class Checkpoint:
         optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
 
 
+def open_run(out: Path, settings: dict, settings_name: str, resume: bool, command: str) -> Checkpoint:
+    """The checkpoint of run folder ``out`` after checking it: a fresh run refuses an existing
+    checkpoint, a resumed one refuses settings that differ from the saved ones (named)."""
+    ckpt = Checkpoint(out)
+    settings = json.loads(json.dumps(settings, default=list))  # tuples as lists, as saved
+    settings_file = out / settings_name
+    if ckpt.exists() and not resume:
+        raise UserError(f"{out} already holds a training checkpoint; pass --resume to continue it or pick another folder")
+    if resume and ckpt.exists():
+        saved = json.loads(settings_file.read_text())
+        changed = [k for k in settings if saved.get(k) != settings[k]]
+        if changed:
+            raise UserError(f"{command} --resume: settings differ from the checkpoint's ({', '.join(changed)}); see {settings_file}")
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2))
+    return ckpt
+
+
 def _tokenizer(out: Path):
     from transformers import CLIPTokenizer
 
@@ -212,18 +230,8 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    ckpt = Checkpoint(out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "threads", "checkpoint_every")}
-    settings_file = out / "train_base.json"
-    if ckpt.exists() and not resume:
-        raise UserError(f"{out} already holds a training checkpoint; pass --resume to continue it or pick another folder")
-    if resume and ckpt.exists():
-        saved = json.loads(settings_file.read_text())
-        changed = [k for k in settings if json.dumps(saved.get(k)) != json.dumps(settings[k], default=list)]
-        if changed:
-            raise UserError(f"train-base --resume: settings differ from the checkpoint's ({', '.join(changed)}); see {settings_file}")
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2, default=list))
+    ckpt = open_run(out, settings, "train_base.json", resume, "train-base")
 
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
@@ -285,4 +293,4 @@ def export_checkpoint(out_dir: str | os.PathLike) -> Path:
     return write_pipeline(out / "model", vae, unet, text_encoder, _tokenizer(out), state["scaling_factor"])
 
 
-__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "export_checkpoint", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]
+__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "export_checkpoint", "open_run", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]
