@@ -99,3 +99,15 @@ def test_packed_pipeline_keeps_only_world_tokens_and_materializes_equivalent_out
 def test_a_missing_asset_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="train-base"):
         materialize_pipeline(tmp_path / "model", tmp_path / "nothing")
+
+
+def test_fidelity_report_reads_generations_back_and_states_chance(trained, tmp_path):
+    from sr_finetune.world.fidelity import CHANCE, format_report, measure_fidelity
+
+    _, model = trained
+    report = measure_fidelity(model, max_prompts=3, steps=2, batch_size=2, out_dir=tmp_path)
+    assert (report["prompts"], report["images"]) == (3, 3) and len(list((tmp_path / "images").glob("*.png"))) == 3
+    assert set(report["rates"]) == {"count", "size", "colour", "shape", "background", "texture", "all"}
+    assert all(0 <= r <= 1 for r in report["rates"].values()) and report["rates"]["all"] <= min(report["rates"][a] for a in ("count", "size", "colour", "shape", "background"))
+    assert CHANCE["all"] == pytest.approx(1 / 1008)
+    assert "chance 0.001" in format_report(report)
