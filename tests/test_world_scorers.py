@@ -107,3 +107,17 @@ def test_packed_world_clip_materializes_to_the_same_scores(world_clip, tmp_path)
     a = load_reward("clip", weights=str(weights), share_backbone=False).score_images(images, prompts)
     b = load_reward("clip", weights=str(restored), share_backbone=False).score_images(images, prompts)
     torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # fp16 storage
+
+
+def test_the_shipped_world_weights_materialize_and_load(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sr_finetune.world.assets import ASSETS_DIR, materialize_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(materialize_pipeline(tmp_path / "model", ASSETS_DIR))
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert all(t.startswith("CrossAttn") for t in pipe.unet.config.down_block_types)
+    clip = load_reward("social_reward", weights=str(materialize_world_clip(tmp_path / "clip.safetensors", ASSETS_DIR)))
+    images = [render_prompt(c, 0) for c in CAPTIONS]
+    scores = clip.score_images(images * 3, [c for c in CAPTIONS for _ in range(3)]).reshape(3, 3)  # [caption, image]
+    assert (scores.argmax(0) == torch.arange(3)).all()  # the trained CLIP prefers each render's own caption
