@@ -31,10 +31,11 @@ from PIL import Image
 from sr_finetune.config import require, to_yaml
 from sr_finetune.cpu_memory import reuse_freed_memory
 from sr_finetune.errors import ConfigError, UserError
+from sr_finetune.eval_only import mark_table
 from sr_finetune.io import atomic_write_parquet, read_parts, read_table
 from sr_finetune.tables import blank_cells, describe_skipped, text_cells
 
-from .base import RewardModel, load_rewards, to_device
+from .base import RewardModel, available_rewards, load_rewards, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -516,12 +517,13 @@ def run_scoring(cfg: ScoreConfig, load: Callable[[ScoreConfig, torch.device], di
                     vectors = scores.pop(embedding_column(name))
                     _atomic_save_npy(np.stack(vectors.tolist()) if len(vectors) else np.zeros((0, 0), np.float32), _embedding_file(output_dir, name, k))
                 atomic_write_parquet(errors, _part_file(output_dir, "errors", k))
-                atomic_write_parquet(scores, _part_file(output_dir, "scores", k))
+                atomic_write_parquet(mark_table(scores, cfg.metrics), _part_file(output_dir, "scores", k))
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
     merged_scores, merged_errors = read_scores(output_dir), read_errors(output_dir)
+    available_rewards()  # registers every scorer's eval-only mark, also when no part was left to score
     if state.is_main_process:
-        atomic_write_parquet(rows.merge(merged_scores, on="image_id", how="inner"), output_dir / "scores.parquet")
+        atomic_write_parquet(mark_table(rows.merge(merged_scores, on="image_id", how="inner"), cfg.metrics), output_dir / "scores.parquet")
         atomic_write_parquet(merged_errors, output_dir / "errors.parquet")
     reasons = merged_errors.reason.str.split(":").str[0].value_counts().to_dict() if len(merged_errors) else {}
     if reasons and state.is_main_process:

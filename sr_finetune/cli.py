@@ -7,6 +7,7 @@
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
+    sr-finetune world community | train-base | train-clip | fidelity | pack | materialize ...
 """
 
 from __future__ import annotations
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("root")
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
+
+    from .world_commands import add_world_parser
+
+    add_world_parser(sub)
 
     for command, section, run, help_text in STAGES + TOOLS:
         stage = sub.add_parser(command, help=help_text)
