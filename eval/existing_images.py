@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from reward.scoring import read_table_file
 from sr_finetune.errors import UserError
 from sr_finetune.generation import read_manifest
+from sr_finetune.io import read_table
 
 from .config import EvaluateConfig, ModelSpec
 
@@ -67,7 +67,7 @@ def read_existing_images(spec: ModelSpec) -> ExistingImages:
             raise UserError(f"{source}: a folder without manifest.parquet (expected a generations folder or an image table file)")
         df, root = read_manifest(source), source  # paths already absolute
     else:
-        df, root = read_table_file(source), Path(spec.image_root) if spec.image_root else source.parent
+        df, root = read_table(source, csv_as_text=True), Path(spec.image_root) if spec.image_root else source.parent
     name = str(source)
     key = _column(df, spec.prompt_id_column or spec.prompt_column, name)
     path = _column(df, spec.path_column, name)

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from reward.scoring import ScoreConfig, load_scorers, read_scores, run_scoring
+from reward.scoring import ScoreConfig, check_scoring_settings, load_scorers, read_scores, run_scoring
 from sr_finetune.config import to_yaml
 from sr_finetune.errors import UserError
 from sr_finetune.generation import read_manifest, run_generation
@@ -70,19 +70,6 @@ class EvaluationSummary:
             f"evaluate: {self.models} models x {self.prompt_sets} prompt sets x {self.metrics} metrics; "
             f"images: {self.images_made} generated now, {self.images_total} in all{existing}; report -> {self.report}"
         )
-
-
-def _check_scoring_settings(folder: Path, settings: dict, is_main: bool) -> None:
-    """Refuse to resume a metric's scores with other weights or options (they would mix)."""
-    path = folder / "evaluation.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        for key, value in settings.items():
-            if previous.get(key) != value:
-                raise UserError(f"{folder}: already holds scores made with {key}={previous.get(key)!r}, not {value!r}; delete it or use another output_dir")
-    elif is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
 
 
 class ScorersByMetric:
@@ -142,7 +129,7 @@ def generate_and_score(cfg: EvaluateConfig, matched: Matched) -> tuple[int, int]
                         continue
                     # the scores of a changed table would mix with the old ones: refuse, as for changed weights
                     settings["matched_images"] = hashlib.sha256(found[["image_id", "path"]].to_csv(index=False).encode()).hexdigest()[:16]
-                _check_scoring_settings(Path(score_cfg.output_dir), settings, state.is_main_process)
+                check_scoring_settings(Path(score_cfg.output_dir) / "evaluation.json", settings, state.is_main_process)
                 state.wait_for_everyone()
                 logger.info(run_scoring(score_cfg, load=scorers).line())
                 bar.update()

@@ -82,6 +82,12 @@ class Table:
         return "\n".join(lines)
 
 
+def frame_to_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A data frame as a Markdown table, floats to ``digits`` decimals (cells' ``|`` escaped)."""
+    rows = [[Cell.text(f"{v:.{digits}f}" if isinstance(v, float) else v) for v in row] for row in frame.itertuples(index=False)]
+    return Table([str(c) for c in frame.columns], rows).to_markdown()
+
+
 def means_table(means: pd.DataFrame, metrics: list[str]) -> Table:
     """Table 1: rows prompt set x model, one column per metric: mean [CI]."""
     table = Table(["prompt set", "model", *metrics], left=2)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from sr_finetune.errors import UserError
+from sr_finetune.eval_only import mark_eval_only
 
 
 class RewardModel(torch.nn.Module, abc.ABC):
@@ -51,6 +52,14 @@ class RewardModel(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def score(self, pixel_values: torch.Tensor, text_inputs: Any) -> torch.Tensor:
         """Batched scores, float tensor [N]; row i scores image i against prompt i."""
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image embedding [N, D] the score is computed from, for scorers that have one (the
+        CLIP-backbone scorers: the unnormalised CLIP image embedding); see ``ScoreConfig.embeddings``."""
+        raise UserError(f"metric '{self.name}' has no image embedding to write (CLIP-backbone scorers have one: clip, social_reward, aesthetic, social_aesthetic)")
+
+    def has_image_embedding(self) -> bool:
+        return type(self).embed_image is not RewardModel.embed_image
 
     @torch.no_grad()
     def score_images(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -110,17 +119,20 @@ _REGISTRY: dict[str, Callable[..., RewardModel]] = {}
 _CONCURRENT_LOADS: set[str] = set()
 
 
-def register_reward(name: str, concurrent_load: bool = False) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
+def register_reward(name: str, concurrent_load: bool = False, eval_only: bool = False) -> Callable[[Callable[..., RewardModel]], Callable[..., RewardModel]]:
     """Decorator: register ``loader(weights=..., device=..., dtype=..., **kwargs) -> RewardModel``.
 
     ``concurrent_load=True`` promises that the loader changes no process-wide state, so
     :func:`load_rewards` may run it in a thread beside other such loaders. transformers'
     ``from_pretrained`` does change some (torch's default dtype, patched init functions) while it
-    builds a model: loaders that call it keep the default."""
+    builds a model: loaders that call it keep the default. ``eval_only=True`` marks a metric that
+    may judge models but never train them (see ``sr_finetune.eval_only``)."""
 
     def wrap(loader: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
         _REGISTRY[name] = loader
         (_CONCURRENT_LOADS.add if concurrent_load else _CONCURRENT_LOADS.discard)(name)
+        if eval_only:
+            mark_eval_only(name)
         return loader
 
     return wrap
@@ -168,7 +180,7 @@ def _import_builtin_scorers() -> None:
     """Import the modules whose ``@register_reward`` calls fill the registry."""
     import importlib
 
-    for module in ("reward.clip_scorers", "reward.hpsv2", "reward.pickscore", "reward.imagereward"):
+    for module in ("reward.clip_scorers", "reward.hpsv2", "reward.pickscore", "reward.imagereward", "reward.social_aesthetic", "reward.world"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -85,6 +85,10 @@ class CLIPScoreReward(RewardModel):
 
         return tokenize(list(prompts), context_length=self.context_length)
 
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""
+        return self.backbone.encode_image(pixel_values)
+
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor) -> torch.Tensor:
         image = self.backbone.encode_image(pixel_values)
         text = encode_distinct_rows(self.backbone.encode_text, text_inputs)
@@ -127,15 +131,13 @@ def l2_normalize_keep_zero(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(norm == 0, torch.ones_like(norm), norm)
 
 
-class AestheticReward(RewardModel):
-    """LAION aesthetic score: ``AestheticHead(e / |e|)`` on the CLIP image embedding ``e``."""
+class CLIPImageReward(RewardModel):
+    """Base of the scores of the CLIP image embedding alone (``aesthetic``, ``social_aesthetic``):
+    openai/CLIP's transform, and no prompt (empty tokens)."""
 
-    name = "aesthetic"
-
-    def __init__(self, backbone: OpenAICLIPBackbone, head: AestheticHead):
+    def __init__(self, backbone: OpenAICLIPBackbone):
         super().__init__()
         self.backbone = backbone  # registered first: its dtype is the one pixels are fed in
-        self.head = head.float()
         self.transform = openai_clip_transform(backbone.image_size)
 
     @property
@@ -152,6 +154,20 @@ class AestheticReward(RewardModel):
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """The score ignores the prompt: an empty [N, 0] tensor keeps the batching uniform."""
         return torch.zeros(len(prompts), 0, dtype=torch.long)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""
+        return self.backbone.encode_image(pixel_values)
+
+
+class AestheticReward(CLIPImageReward):
+    """LAION aesthetic score: ``AestheticHead(e / |e|)`` on the CLIP image embedding ``e``."""
+
+    name = "aesthetic"
+
+    def __init__(self, backbone: OpenAICLIPBackbone, head: AestheticHead):
+        super().__init__(backbone)
+        self.head = head.float()
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor | None = None) -> torch.Tensor:
         # normalised in the backbone's dtype (the reference normalises its fp16 array), then fp32
@@ -262,6 +278,7 @@ __all__ = [
     "AESTHETIC_HUB_FILE",
     "AestheticHead",
     "AestheticReward",
+    "CLIPImageReward",
     "CLIPScoreReward",
     "SocialReward",
     "l2_normalize_keep_zero",

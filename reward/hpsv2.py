@@ -19,7 +19,9 @@ Matches ``hpsv2.score()`` (hpsv2 1.2.0, SCORERS.md section 4) with these decisio
   pad them like every other image (no resize needed): the same result the reference gives
   for any other size, and identical to it for square 224 px inputs.
 * **RGBA**: the reference keeps RGBA images as 4 channels, which its 3-channel patch
-  embedding rejects; we convert every image to RGB (identical for RGB, L, P, CMYK inputs).
+  embedding rejects; we convert every image with PIL's ``convert("RGB")`` (alpha dropped), as
+  the reference does for every other mode (LA, P with transparency, L, I;16, CMYK, ...): our
+  RGBA pixels are the reference's first three channels.
 * **Precision**: weights are loaded in fp32 (the files may be fp16 and are cast up, as
   ``load_state_dict`` into the reference's fp32 model does). The reference runs the forward
   under ``torch.cuda.amp.autocast()``, so on a GPU its scores are fp16-quantised;
@@ -52,7 +54,7 @@ from sr_finetune.models import resolve_device, resolve_dtype
 from .base import RewardModel, encode_distinct_rows, register_reward
 from .causal_text import encode_text_up_to_eot
 from .loading import build_on_meta, ensure_materialized, read_checkpoint_mapped, restore_causal_mask
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, open_clip_tokens_key
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, convert_rgb, open_clip_tokens_key
 
 HPS_HUB_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -97,7 +99,7 @@ def resize_longest_and_pad(pixels: torch.Tensor, size: int = 224, antialias: boo
 def hps_preprocess(image: Image.Image, size: int = 224, antialias: bool = False) -> torch.Tensor:
     """PIL image -> normalised [3, size, size] tensor, as hpsv2's validation transform: RGB,
     ToTensor, resize-longest-and-pad *before* normalising (so padding becomes -mean/std)."""
-    pixels = TF.to_tensor(image.convert("RGB"))
+    pixels = TF.to_tensor(convert_rgb(image))
     pixels = resize_longest_and_pad(pixels, size, antialias)
     return TF.normalize(pixels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 

@@ -12,10 +12,15 @@ Matches the PickScore README / ``eval_preference_predictor.py`` (SCORERS.md sect
   because the torchvision ("fast") one differs slightly. It converts to RGB *before* resizing,
   resizes the shortest edge to 224 with PIL bicubic (long side truncated by ``int``) and centre
   crops with a floor offset, ``(H - 224) // 2``, which can sit 1 px away from torchvision's
-  rounded offset when the excess is odd. RGB images skip the processor: ``CLIPProcessorFastPath``
-  gives its output bit for bit in about a third of the time (tested on real images); other
-  modes go through the processor itself. The tokenizer is the processor folder's
+  rounded offset when the excess is odd. ``CLIPProcessorFastPath`` gives the processor's output
+  bit for bit in about a third of the time (tested on real images); the processor itself runs
+  only when its settings are not the plain CLIP ones. The tokenizer is the processor folder's
   ``AutoTokenizer`` (the fast one, as ``AutoProcessor`` gives the reference).
+* **Image modes**: the RGB conversion is PIL's ``convert("RGB")``, which drops alpha and
+  transparency entries: what the processor of transformers 4.27.3 (the version PickScore pins)
+  does, and what PickScore's own data loader does before calling it. Newer processors (5.x)
+  composite transparent pixels onto white instead, so we convert first, for every mode
+  (RGBA, LA, P with transparency, L, I;16, CMYK, ...), and hand the processor RGB only.
 * **Text**: truncation at 77 tokens. We pad to ``max_length`` (77) instead of the README's
   ``padding=True`` so that prompts tokenised one by one in DataLoader workers stack into a batch;
   CLIP's text encoder is causal and pools at the EOS token, so pad tokens after it cannot change
@@ -44,7 +49,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
 from .base import RewardModel, drop_padding_columns, encode_distinct_rows, register_reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, apply_lookup, lookup_tables, resize_shortest_edge
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, apply_lookup, convert_rgb, lookup_tables, resize_shortest_edge
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -84,7 +89,8 @@ class PickScoreReward(RewardModel):
         self.scale = scale
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        if self.fast_path is not None and image.mode == "RGB":
+        image = convert_rgb(image)  # the reference's conversion, not the installed processor's (module docstring)
+        if self.fast_path is not None:
             return self.fast_path(image)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
@@ -117,10 +123,11 @@ class PickScoreReward(RewardModel):
 
 
 class CLIPProcessorFastPath:
-    """The PIL ``CLIPImageProcessor``'s output for an RGB image, bit for bit, in about a third of
-    its time: the same PIL bicubic resize of the shortest edge (shared with OpenAI CLIP's
-    transform through :func:`resize_shortest_edge`), the same floor-offset centre crop, and the
-    processor's own rescale and normalise run once on the 256 levels as lookup tables."""
+    """The PIL ``CLIPImageProcessor``'s output for an RGB image (without a transparency entry),
+    bit for bit, in about a third of its time: the same PIL bicubic resize of the shortest edge
+    (shared with OpenAI CLIP's transform through :func:`resize_shortest_edge`), the same
+    floor-offset centre crop, and the processor's own rescale and normalise run once on the
+    256 levels as lookup tables."""
 
     def __init__(self, shortest_edge: int, crop: tuple[int, int], resample: int, tables: np.ndarray):
         self.shortest_edge, self.crop, self.resample, self.tables = shortest_edge, crop, resample, tables

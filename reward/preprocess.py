@@ -14,8 +14,16 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+def convert_rgb(image: Image.Image) -> Image.Image:
+    """PIL's ``image.convert("RGB")``, the conversion every reference scorer uses: alpha and
+    transparency entries are dropped (the RGB values under transparent pixels are kept), never
+    composited onto a background. An RGB image without a transparency entry is returned as is;
+    the result never carries one, so a processor that composites transparency sees none."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    rgb = image.convert("RGB")
+    rgb.info.pop("transparency", None)
+    return rgb
 
 
 def lookup_tables(normalize: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -101,7 +109,7 @@ def openai_clip_transform(size: int = 224) -> T.Compose:
         [
             ShortestEdgeResize(size),
             T.CenterCrop(size),
-            _to_rgb,
+            convert_rgb,
             RGBToNormalizedTensor(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ]
     )

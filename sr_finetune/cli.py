@@ -3,8 +3,11 @@
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
-    sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
+    sr-finetune curate | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
+    sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
+    sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
+    sr-finetune world community | train-base | train-clip | fidelity | pack | materialize ...
 """
 
 from __future__ import annotations
@@ -51,6 +54,18 @@ def _stage(section: str, run: Callable[[object], object]) -> Callable[[argparse.
     return handler
 
 
+def _curate(cfg):
+    from reward.curate import run_curation
+
+    return run_curation(cfg)
+
+
+def _accuracy(cfg):
+    from reward.accuracy import run_accuracy
+
+    return run_accuracy(cfg)
+
+
 def _generate(cfg):
     from .generation import run_generation
 
@@ -81,6 +96,24 @@ def _evaluate(cfg):
     return run_evaluation(cfg)
 
 
+def _analyze_prompts(cfg):
+    from eval.prompts import run_prompt_analysis
+
+    return run_prompt_analysis(cfg)
+
+
+def _validate_scorer(cfg):
+    from eval.validation import run_validation
+
+    return run_validation(cfg)
+
+
+def _train_aesthetic(cfg):
+    from reward.aesthetic_training import run_aesthetic_training
+
+    return run_aesthetic_training(cfg)
+
+
 def _run_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_models import make_tiny_sd_pipeline
 
@@ -102,6 +135,28 @@ def _run_tiny_world(args: argparse.Namespace) -> int:
 
     paths = make_tiny_world(args.root, seed=args.seed)
     logger.info("tiny world written: %s", ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    """Upload a finished folder (minus training state); with --eval, its card carries the evaluation."""
+    from pathlib import Path
+
+    from .hub import check_hub_access, push_command, push_folder, read_card
+
+    card = read_card(Path(args.dir))
+    token = check_hub_access(args.repo)  # before the card and grids are made
+    files = {}
+    if args.eval:
+        from eval.card import card_evaluation, card_with_evaluation
+
+        evaluation = card_evaluation(Path(args.eval), Path(args.dir), args.repo, args.eval_model)
+        card, files = card_with_evaluation(card, evaluation, args.repo), evaluation.files
+        logger.info("push: the card carries %d results of %s", len(evaluation.eval_results), args.eval)
+    extra = (("--eval", args.eval) if args.eval else ()) + (("--eval-model", args.eval_model) if args.eval_model else ())
+    retry = push_command(args.dir, args.repo, private=args.private, revision=args.revision, extra=extra)
+    url = push_folder(args.dir, args.repo, private=args.private, revision=args.revision, card=card, files=files, token=token, retry=retry)
+    logger.info("push: %s -> %s", args.dir, url)
     return 0
 
 
@@ -142,11 +197,21 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 # (subcommand, config section, runner, help), in the order of the flow
 STAGES = [
+    ("curate", "curate", _curate, "engagement logs -> (prompt, positive, negative) triplets split by prompt"),
+    ("accuracy", "accuracy", _accuracy, "pairwise accuracy of reward models on a triplet split, with ties and bootstrap CIs"),
     ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
     ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
     ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
+]
+
+# (subcommand, config section, runner, help): analyses and tools with a config section, outside the flow
+# (``run`` does not run them)
+TOOLS = [
+    ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
+    ("train-aesthetic", "social_aesthetic", _train_aesthetic, "train the social_aesthetic scorer: a head on CLIP embeddings predicting engagement buckets"),
+    ("validate-scorer", "validate_scorer", _validate_scorer, "correlate scores with human ratings: Pearson/Spearman/Kendall with CIs, per popularity bucket, pairwise agreement"),
 ]
 
 
@@ -169,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    for command, section, run, help_text in STAGES:
+    from .world_commands import add_world_parser
+
+    add_world_parser(sub)
+
+    for command, section, run, help_text in STAGES + TOOLS:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))
@@ -179,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_all.add_argument("--stages", help=f"comma-separated, in flow order ({','.join(c for c, *_ in STAGES)}); default: those with a section in the config")
     run_all.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. generate.steps=20")
     run_all.set_defaults(func=_run_stages)
+
+    push = sub.add_parser("push", help="upload a finished folder (pipeline or reward checkpoint) to the hub, optionally with an evaluation on its card")
+    push.add_argument("dir", help="a folder written by sr-finetune with a README.md card (e.g. runs/finetune)")
+    push.add_argument("--repo", required=True, help="hub repo id, e.g. me/sd21-social-reward (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("--eval", help="an evaluate output_dir: its tables, model-index results, plots and image grids go on the card")
+    push.add_argument("--eval-model", help="which fine-tuned model of --eval this folder is (default: the one whose path is DIR)")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True, help="a new repo is private (default)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="a new repo is public")
+    push.add_argument("--revision", help="push to this branch (created if needed) instead of main")
+    push.set_defaults(func=_run_push)
     return parser
 
 

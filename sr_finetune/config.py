@@ -93,6 +93,14 @@ def to_yaml(config: object) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def prepare_output_dir(output_dir: str | Path, config: object) -> Path:
+    """Create ``output_dir`` and write the resolved ``config.yaml`` into it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(config))
+    return out
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise the one-line ``ValueError`` that ``validate()`` methods use: ``"<key>: <message>"``."""
     if not condition:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eval.config import EvaluateConfig
+from reward.accuracy import AccuracyConfig
+from reward.curate import CurateConfig
+from eval.prompts import PromptAnalysisConfig
+from eval.validation import ValidateScorerConfig
+from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
 
 from .generation import GenerateConfig
@@ -26,3 +31,8 @@ class ExperimentConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
+    validate_scorer: ValidateScorerConfig = field(default_factory=ValidateScorerConfig)
+    social_aesthetic: AestheticTrainConfig = field(default_factory=AestheticTrainConfig)

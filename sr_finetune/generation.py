@@ -209,8 +209,9 @@ class GenerationSummary:
 
     def line(self) -> str:
         rate = self.images_made / self.seconds if self.seconds > 0 else 0.0
+        skipped = f" (skipped: {', '.join(f'{n} {r}' for r, n in self.prompts_skipped.items())})" if self.prompts_skipped else ""
         return (
-            f"generate: {self.prompts} prompts, {self.shards_total} shards ({self.shards_done_before} already done), "
+            f"generate: {self.prompts} prompts{skipped}, {self.shards_total} shards ({self.shards_done_before} already done), "
             f"{self.images_made} images made ({rate:.2f} img/s), {self.images_reused} reused -> {self.output_dir}"
         )
 

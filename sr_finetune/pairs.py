@@ -35,6 +35,7 @@ import pandas as pd
 
 from .config import require
 from .errors import ConfigError, UserError
+from .eval_only import ATTRS_KEY as EVAL_ONLY_KEY, refuse_eval_only
 from .io import read_parts
 from .progress import progress, quiet_library_bars
 from .regularization import REGULARIZATION_FORMATS, RegularizationSet, image_values, read_regularization, sample_rows
@@ -148,6 +149,7 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     if cfg.reward_column not in scores.columns:
         available = [str(c) for c in scores.columns if c != "image_id"]
         raise PairsError(f"{scores_src}: no reward column '{cfg.reward_column}' (available: {', '.join(available) or 'none'}); set reward_column")
+    refuse_eval_only(cfg.reward_column, f"{scores_src}: reward_column", scores, PairsError)
     skipped = dict.fromkeys(SKIP_REASONS, 0)
 
     manifest_ids = _arrow(manifest["image_id"])
@@ -326,9 +328,12 @@ def read_scores_table(source: str | os.PathLike, reward_column: Optional[str] = 
     names = pq.read_schema(files[0]).names
     columns = ["image_id", reward_column] if reward_column in names and "image_id" in names else None  # else let the checks report
     try:
-        return pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
+        table = pd.concat([pd.read_parquet(f, columns=columns) for f in files], ignore_index=True)
     except Exception as exc:
         raise PairsError(f"{path}: cannot read scores: {str(exc).splitlines()[0]}") from None
+    marked = {m for f in files for m in (pq.read_schema(f).pandas_metadata or {}).get("attributes", {}).get(EVAL_ONLY_KEY, [])}
+    table.attrs[EVAL_ONLY_KEY] = sorted(marked)
+    return table
 
 
 def read_generations(folder: str | os.PathLike) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Read prompt sets: plain text, TSV/CSV, JSON/JSONL, parquet, named sets, or a `datasets` id.
 
-Blank and duplicate prompts are skipped, counted and reported by row, never dropped silently.
+Blank and duplicate prompts, and prompts whose id cell is empty, are skipped, counted and
+reported by row, never dropped silently.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import PromptError
+from .tables import describe_skipped, read_csv_as_text, text_cells
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +45,7 @@ class PromptSet:
 
     def skip_summary(self) -> str:
         """One line per skip reason, with the count and the first rows, or '' when nothing was skipped."""
-        lines = []
-        for reason, rows in self.skipped.items():
-            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-            lines.append(f"{self.source}: skipped {len(rows)} {reason} (rows {shown})")
-        return "\n".join(lines)
+        return describe_skipped(self.source, self.skipped)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -56,7 +54,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         lines = path.read_text(encoding="utf-8").splitlines()
         return pd.DataFrame({"prompt": lines})
     if suffix in (".tsv", ".csv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+        return read_csv_as_text(path, sep="\t" if suffix == ".tsv" else ",")
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             return pd.DataFrame([json.loads(line) for line in f if line.strip()])
@@ -132,18 +130,21 @@ def load_prompts(
     ids, prompts, skipped = [], [], {}
     seen_prompts: set[str] = set()
     seen_ids: set[str] = set()
-    raw_prompts = df[prompt_col].tolist()
-    raw_ids = df[id_col].tolist() if id_col else None
+    raw_prompts = text_cells(df[prompt_col]).tolist()
+    raw_ids = text_cells(df[id_col]).tolist() if id_col else None
     width = max(6, len(str(len(df))))
     for row, value in enumerate(raw_prompts):
-        prompt = value.strip() if isinstance(value, str) else ""
+        prompt = value.strip()
         if not prompt:
             skipped.setdefault("blank prompts", []).append(row)
+            continue
+        if raw_ids is not None and not raw_ids[row].strip():
+            skipped.setdefault("missing ids", []).append(row)
             continue
         if dedupe and prompt in seen_prompts:
             skipped.setdefault("duplicate prompts", []).append(row)
             continue
-        prompt_id = str(raw_ids[row]) if raw_ids is not None else f"{row:0{width}d}"
+        prompt_id = raw_ids[row] if raw_ids is not None else f"{row:0{width}d}"
         if prompt_id in seen_ids:
             raise PromptError(f"{source}: duplicate prompt id '{prompt_id}' at row {row}")
         seen_prompts.add(prompt)

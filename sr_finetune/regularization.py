@@ -14,7 +14,8 @@ images of the sampled rows, a chunk at a time.
   ``.txt`` (+ ``.json``) per sample), or a single tar.
 - ``hub``: a `datasets` hub id with an Image column and a caption column.
 
-Rows without a usable caption or image are skipped and counted by reason, never dropped silently.
+Rows without a usable caption or image are skipped and counted by reason, and logged with where
+they are (``metadata.jsonl:3`` = data row 3 of that file, from 0), never dropped silently.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .tables import blank_cells, describe_skipped, read_csv_as_text, text_cells
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ class RegularizationSet:
     source: str
     format: str
     rows: pd.DataFrame  # ROW_COLUMNS, in a stable order (sorted by key within each file)
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_rows: dict[str, list[str]] = field(default_factory=dict)  # reason -> where ("file:row", tar member, hub row)
     image_column: Optional[str] = None  # parquet / hub: the column holding the image
     dataset: Any = None  # hub: the loaded `datasets.Dataset` (images not decoded)
 
@@ -70,6 +73,21 @@ def _rows(records: list[dict]) -> pd.DataFrame:
 
 def _caption_ok(text: Any) -> bool:
     return isinstance(text, str) and text.strip() != ""
+
+
+def _skip(skips: dict[str, list[str]], reason: str, where: Iterable[str]) -> None:
+    skips.setdefault(reason, []).extend(where)
+
+
+def _rows_of(file_name: str, mask: np.ndarray) -> list[str]:
+    """``"file:row"`` of the rows where ``mask`` is set."""
+    return [f"{file_name}:{row}" for row in np.flatnonzero(mask)]
+
+
+def _with_skips(reg: RegularizationSet, skips: dict[str, list[str]]) -> RegularizationSet:
+    reg.skipped_rows = {reason: rows for reason, rows in skips.items() if rows}
+    reg.skipped = {reason: len(rows) for reason, rows in reg.skipped_rows.items()}
+    return reg
 
 
 def _pick(columns: Iterable[str], wanted: Optional[str], candidates: tuple[str, ...], source: str, what: str) -> str:
@@ -109,24 +127,29 @@ def detect_format(source: str) -> str:
 def read_imagefolder(folder: str | os.PathLike, caption_column: Optional[str] = None, check_files: bool = True) -> RegularizationSet:
     """An imagefolder: ``metadata.jsonl``/``metadata.csv`` files, else images with same-stem ``.txt`` captions."""
     folder = Path(folder)
-    skipped = {"empty_caption": 0, "missing_file": 0, "no_caption": 0}
+    skips: dict[str, list[str]] = {}
     records: list[dict] = []
     metadata = sorted([*folder.rglob("metadata.jsonl"), *folder.rglob("metadata.csv")])
     for meta in metadata:
         if meta.suffix == ".csv":
-            table = pd.read_csv(meta, dtype=str, keep_default_na=False)
+            table = read_csv_as_text(meta)
         else:
             with meta.open(encoding="utf-8") as f:
                 table = pd.DataFrame([json.loads(line) for line in f if line.strip()])
         if "file_name" not in table.columns:
             raise RegularizationError(f"{meta}: no 'file_name' column (columns: {', '.join(map(str, table.columns))})")
         caption = _pick(table.columns, caption_column, CAPTION_COLUMNS, str(meta), "caption")
-        for file_name, text in zip(table["file_name"], table[caption]):
-            path = Path(os.path.abspath(meta.parent / str(file_name)))  # abspath, not resolve: keep symlinked folders
+        file_names = text_cells(table["file_name"])
+        no_file_name = blank_cells(file_names)
+        where = os.path.relpath(meta, folder)
+        for row, (file_name, text) in enumerate(zip(file_names, table[caption])):
+            path = Path(os.path.abspath(meta.parent / file_name))  # abspath, not resolve: keep symlinked folders
             if not _caption_ok(text):
-                skipped["empty_caption"] += 1
+                _skip(skips, "empty_caption", [f"{where}:{row}"])
+            elif no_file_name[row]:
+                _skip(skips, "no_image", [f"{where}:{row}"])
             elif check_files and not path.is_file():
-                skipped["missing_file"] += 1
+                _skip(skips, "missing_file", [f"{where}:{row}"])
             else:
                 records.append({"key": os.path.relpath(path, folder), "text": text, "kind": "file", "path": str(path)})
     if not metadata:
@@ -134,12 +157,12 @@ def read_imagefolder(folder: str | os.PathLike, caption_column: Optional[str] = 
             caption_file = image.with_suffix(".txt")
             text = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
             if text is None:
-                skipped["no_caption"] += 1
+                _skip(skips, "no_caption", [str(image.relative_to(folder))])
             elif not _caption_ok(text):
-                skipped["empty_caption"] += 1
+                _skip(skips, "empty_caption", [str(image.relative_to(folder))])
             else:
                 records.append({"key": str(image.relative_to(folder)), "text": text, "kind": "file", "path": os.path.abspath(image)})
-    return RegularizationSet(str(folder), "imagefolder", _rows(records), skipped)
+    return _with_skips(RegularizationSet(str(folder), "imagefolder", _rows(records)), skips)
 
 
 def read_parquet_pairs(source: str | os.PathLike, caption_column: Optional[str] = None, image_column: Optional[str] = None, check_files: bool = True) -> RegularizationSet:
@@ -151,7 +174,7 @@ def read_parquet_pairs(source: str | os.PathLike, caption_column: Optional[str] 
     files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
     if not files:
         raise RegularizationError(f"{source}: no .parquet files")
-    skipped = {"empty_caption": 0, "missing_file": 0, "no_image": 0}
+    skips: dict[str, list[str]] = {}
     frames = []
     image_col = None
     for file in files:
@@ -161,9 +184,9 @@ def read_parquet_pairs(source: str | os.PathLike, caption_column: Optional[str] 
         kind_type = schema.field(image_col).type
         if pa.types.is_string(kind_type) or pa.types.is_large_string(kind_type):
             table = pq.read_table(file, columns=[caption, image_col]).to_pandas()
-            paths = table[image_col]
-            has_image = paths.notna() & (paths.astype(str).str.len() > 0)
-            resolved = [str(p) if os.path.isabs(p) else os.path.abspath(file.parent / p) if isinstance(p, str) else None for p in paths]
+            paths = text_cells(table[image_col])
+            has_image = pd.Series(~blank_cells(paths))
+            resolved = [None if not p.strip() else p if os.path.isabs(p) else os.path.abspath(file.parent / p) for p in paths]
             df = pd.DataFrame({"key": [f"{file.name}/{i}" for i in range(len(table))], "text": table[caption], "kind": "file", "path": resolved, "row": np.arange(len(table))})
         else:  # bytes or {bytes, path} struct: located by row, read after sampling
             table = pq.read_table(file, columns=[caption]).to_pandas()
@@ -171,20 +194,20 @@ def read_parquet_pairs(source: str | os.PathLike, caption_column: Optional[str] 
             df = pd.DataFrame({"key": [f"{file.name}/{i}" for i in range(len(table))], "text": table[caption], "kind": "parquet", "path": os.path.abspath(file), "row": np.arange(len(table))})
         good_text = df["text"].map(_caption_ok).to_numpy(dtype=bool)
         has_image = has_image.to_numpy(dtype=bool)
-        skipped["empty_caption"] += int((~good_text).sum())
-        skipped["no_image"] += int((good_text & ~has_image).sum())
+        _skip(skips, "empty_caption", _rows_of(file.name, ~good_text))
+        _skip(skips, "no_image", _rows_of(file.name, good_text & ~has_image))
         keep = good_text & has_image
         if check_files and (df["kind"] == "file").all():
             exists = np.fromiter((os.path.isfile(p) if k else True for p, k in zip(df["path"], keep)), dtype=bool, count=len(df))
-            skipped["missing_file"] += int((keep & ~exists).sum())
+            _skip(skips, "missing_file", _rows_of(file.name, keep & ~exists))
             keep &= exists
         frames.append(df[keep])
     rows = pd.concat(frames, ignore_index=True).reindex(columns=ROW_COLUMNS)
     rows = _rows(rows.to_dict("records")) if rows.empty else rows.astype({"offset": "Int64", "size": "Int64", "row": "Int64"})
-    return RegularizationSet(str(source), "parquet", rows, skipped, image_column=image_col)
+    return _with_skips(RegularizationSet(str(source), "parquet", rows, image_column=image_col), skips)
 
 
-def _tar_samples(tar_path: Path) -> tuple[list[dict], dict[str, int]]:
+def _tar_samples(tar_path: Path) -> tuple[list[dict], dict[str, list[str]]]:
     """Index one webdataset shard: (key, caption, image byte range) per sample, images not read."""
     samples: dict[str, dict] = {}
     with tarfile.open(tar_path) as tf:
@@ -200,22 +223,24 @@ def _tar_samples(tar_path: Path) -> tuple[list[dict], dict[str, int]]:
                 sample["image"] = (member.offset_data, member.size)
             elif ext in ("txt", "json"):
                 sample[ext] = tf.extractfile(member).read().decode("utf-8")
-    records, skipped = [], {"empty_caption": 0, "no_caption": 0, "no_image": 0}
+    records: list[dict] = []
+    skips: dict[str, list[str]] = {}
     for key in sorted(samples):
         sample = samples[key]
         text = sample.get("txt")
         if text is None and "json" in sample:
             text = json.loads(sample["json"]).get("caption")
+        where = [f"{tar_path.name}/{key}"]
         if "image" not in sample:
-            skipped["no_image"] += 1
+            _skip(skips, "no_image", where)
         elif text is None:
-            skipped["no_caption"] += 1
+            _skip(skips, "no_caption", where)
         elif not _caption_ok(text):
-            skipped["empty_caption"] += 1
+            _skip(skips, "empty_caption", where)
         else:
             offset, size = sample["image"]
             records.append({"key": f"{tar_path.name}/{key}", "text": text, "kind": "tar", "path": os.path.abspath(tar_path), "offset": offset, "size": size})
-    return records, skipped
+    return records, skips
 
 
 def read_webdataset(source: str | os.PathLike) -> RegularizationSet:
@@ -225,16 +250,16 @@ def read_webdataset(source: str | os.PathLike) -> RegularizationSet:
     if not tars:
         raise RegularizationError(f"{source}: no .tar shards")
     records: list[dict] = []
-    skipped = {"empty_caption": 0, "no_caption": 0, "no_image": 0}
+    skips: dict[str, list[str]] = {}
     for tar in tars:
         try:
-            found, skips = _tar_samples(tar)
+            found, tar_skips = _tar_samples(tar)
         except tarfile.TarError as exc:
             raise RegularizationError(f"{tar}: not a readable tar: {exc}") from None
         records += found
-        for reason, n in skips.items():
-            skipped[reason] += n
-    return RegularizationSet(str(source), "webdataset", _rows(records), skipped)
+        for reason, where in tar_skips.items():
+            _skip(skips, reason, where)
+    return _with_skips(RegularizationSet(str(source), "webdataset", _rows(records)), skips)
 
 
 def read_hub_dataset(name: str, split: str = "train", caption_column: Optional[str] = None, image_column: Optional[str] = None) -> RegularizationSet:
@@ -254,7 +279,8 @@ def read_hub_dataset(name: str, split: str = "train", caption_column: Optional[s
     good = np.array([_caption_ok(t) for t in texts], dtype=bool)
     rows = pd.DataFrame({"key": [f"{name}/{i}" for i in np.flatnonzero(good)], "text": [t for t, g in zip(texts, good) if g], "kind": "hub", "path": None, "row": np.flatnonzero(good)})
     rows = rows.reindex(columns=ROW_COLUMNS).astype({"offset": "Int64", "size": "Int64", "row": "Int64"})
-    return RegularizationSet(name, "hub", rows, {"empty_caption": int((~good).sum())}, image_column=image_col, dataset=ds)
+    reg = RegularizationSet(name, "hub", rows, image_column=image_col, dataset=ds)
+    return _with_skips(reg, {"empty_caption": [str(row) for row in np.flatnonzero(~good)]})
 
 
 def read_regularization(
@@ -279,7 +305,8 @@ def read_regularization(
         reg = read_hub_dataset(source, split, caption_column, image_column)
     else:
         raise RegularizationError(f"unknown regularisation format '{format}' (use one of {', '.join(REGULARIZATION_FORMATS)})")
-    reg.skipped = {k: v for k, v in reg.skipped.items() if v}
+    if reg.skipped_rows:
+        logger.warning(describe_skipped(reg.source, reg.skipped_rows))
     return reg
 
 

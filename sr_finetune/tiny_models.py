@@ -50,13 +50,15 @@ class TinySDSpec:
     sample_size: int = 32
     prediction_type: str = "epsilon"
     norm_num_groups: int = 32
+    cross_attention_in_every_block: bool = False  # default: none in the lowest-resolution block, as SD
     extra: dict = field(default_factory=dict)
 
 
-def _unet(spec: TinySDSpec):
+def build_unet(spec: TinySDSpec):
     from diffusers import UNet2DConditionModel
 
     n = len(spec.unet_channels)
+    plain = 0 if spec.cross_attention_in_every_block else 1
     vae_factor = 2 ** (len(spec.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=spec.sample_size // vae_factor,
@@ -64,8 +66,8 @@ def _unet(spec: TinySDSpec):
         out_channels=4,
         block_out_channels=tuple(spec.unet_channels),
         layers_per_block=spec.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - plain) + ("DownBlock2D",) * plain,
+        up_block_types=("UpBlock2D",) * plain + ("CrossAttnUpBlock2D",) * (n - plain),
         attention_head_dim=tuple(spec.unet_head_dims),
         cross_attention_dim=spec.text_hidden_size,
         use_linear_projection=True,
@@ -77,7 +79,7 @@ def _unet(spec: TinySDSpec):
     )
 
 
-def _vae(spec: TinySDSpec):
+def build_vae(spec: TinySDSpec):
     from diffusers import AutoencoderKL
 
     n = len(spec.vae_channels)
@@ -95,7 +97,7 @@ def _vae(spec: TinySDSpec):
     )
 
 
-def _text_encoder(spec: TinySDSpec):
+def build_text_encoder(spec: TinySDSpec):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -123,9 +125,9 @@ def make_tiny_sd_pipeline(out_dir: str | os.PathLike, seed: int = 0, spec: TinyS
     spec = spec or TinySDSpec()
     out = Path(out_dir)
     torch.manual_seed(seed)
-    unet = _unet(spec)
-    vae = _vae(spec)
-    text_encoder = _text_encoder(spec)
+    unet = build_unet(spec)
+    vae = build_vae(spec)
+    text_encoder = build_text_encoder(spec)
     tokenizer_dir = write_clip_tokenizer(out / "tokenizer", pad_token="!")
     from transformers import CLIPTokenizer
 

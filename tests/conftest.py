@@ -1,11 +1,14 @@
-"""Shared fixtures: the real public data beside the repo and a session-wide tiny SD pipeline."""
+"""Shared fixtures and helpers: the real public data beside the repo, a session-wide tiny SD
+pipeline, test images in every PIL mode and openai/CLIP's reference transform."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,6 +42,28 @@ def tiny_rewards(tmp_path_factory) -> dict:
     return make_tiny_rewards(tmp_path_factory.mktemp("tiny_rewards") / "rewards")
 
 
+@pytest.fixture(scope="session")
+def finetune_set(tmp_path_factory) -> Path:
+    """10 rows: 4 prompts x (chosen, rejected + negative token) and 2 regularisation images, 40x48 px."""
+    import numpy as np
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        for role in ("chosen", "rejected"):
+            text = f"a photo of animal {i}" + (" t@y quality" if role == "rejected" else "")
+            rows.append({"text": text, "role": role, "prompt_id": f"p{i}", "score": float(rng.random())})
+    rows += [{"text": f"a laion caption {i}", "role": "regularization", "prompt_id": f"laion{i}", "score": 0.0} for i in range(2)]
+    for row in rows:
+        row["image"] = PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    features = Features({"image": Image(), "text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), "score": Value("float32")})
+    path = tmp_path_factory.mktemp("finetune_set") / "pairs"
+    Dataset.from_list(rows, features=features).save_to_disk(str(path))
+    return path
+
+
 def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
     """Real generated images of ../shared/data/images (PNG, JPEG and WEBP, spread over formats)."""
     files = sorted(p for p in (shared_data / "images").rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
@@ -54,3 +79,47 @@ def load_tiny_reward(settings: dict, name: str):
     from reward import load_reward
 
     return load_reward(name, weights=settings["weights"][name], **settings["options"].get(name, {}))
+
+
+# Every PIL mode a scorer may be handed, as the name of a test image (the two "+transparency"
+# ones carry a transparency entry, as PNG files with a tRNS chunk open).
+IMAGE_MODES = ("RGB", "RGBA", "LA", "L", "P", "P+transparency", "RGB+transparency", "I;16", "CMYK")
+
+
+def image_in_mode(mode: str, width: int, height: int, seed: int = 0) -> Image.Image:
+    """A random image in ``mode`` (see ``IMAGE_MODES``). Alpha channels are a real gradient with
+    fully transparent columns on the left, over varying colours, so that dropping alpha,
+    premultiplying it or compositing onto a background all give different pixels."""
+    rng = np.random.default_rng(seed)
+    alpha = np.tile(np.linspace(0, 255, width).astype(np.uint8), (height, 1))
+    alpha[:, : width // 8] = 0
+    if mode in ("RGB", "RGB+transparency"):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        if mode == "RGB+transparency":
+            image.info["transparency"] = tuple(int(v) for v in np.asarray(image)[height // 2, width // 2])
+        return image
+    if mode in ("P", "P+transparency"):
+        image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).convert("P")
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tolist())
+        if mode == "P+transparency":
+            image.info["transparency"] = int(np.asarray(image)[height // 2, width // 2])
+        return image
+    if mode == "I;16":
+        return Image.frombytes("I;16", (width, height), rng.integers(0, 65536, (height, width), dtype="<u2").tobytes())
+    bands = {"L": 1, "LA": 2, "RGBA": 4, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 256, (height, width, bands), dtype=np.uint8)
+    if mode in ("LA", "RGBA"):
+        pixels[..., -1] = alpha
+    return Image.frombytes(mode, (width, height), pixels.tobytes())
+
+
+def openai_clip_reference_transform(size: int = 224):
+    """openai/CLIP's ``_transform(size)`` (ImageReward's too) from torchvision's own transforms:
+    resize, centre crop, *then* PIL's RGB conversion, ToTensor, normalise."""
+    from torchvision import transforms as T
+
+    from reward.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    return T.Compose(
+        [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)]
+    )

@@ -104,6 +104,7 @@ def test_blank_prompts_are_reported(tiny_sd, tmp_path, caplog):
     summary = run_generation(tiny_cfg(tiny_sd, path, tmp_path / "gen", images_per_prompt=1))
     assert summary.prompts == 2 and summary.prompts_skipped == {"blank prompts": 2}
     assert "skipped 2 blank prompts (rows 1, 2)" in caplog.text
+    assert summary.line().startswith("generate: 2 prompts (skipped: 2 blank prompts), ")
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from reward.pickscore import PickScoreReward, load_pickscore, make_tiny_pickscor
 from reward.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sr_finetune.errors import UserError
 
-from conftest import real_image_files
+from conftest import IMAGE_MODES, image_in_mode, real_image_files
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None]
 STD = torch.tensor(OPENAI_CLIP_STD)[:, None, None]
@@ -110,10 +110,35 @@ def test_hps_pads_a_non_square_image_whose_longer_side_is_already_224():
     assert torch.allclose(pixels[:, :, :62], (-MEAN / STD).expand(3, 224, 62))
 
 
-def test_hps_converts_rgba_to_three_channels():
-    rgba = random_image(300, 200, seed=4, mode="RGBA")
-    assert torch.equal(hps_preprocess(rgba), hps_preprocess(rgba.convert("RGB")))
-    assert hps_preprocess(rgba).shape[0] == 3
+def hpsv2_reference_transform(image: Image.Image, antialias: bool) -> torch.Tensor:
+    """hpsv2's validation transform (``light_augmentation=True``) from torchvision's functions:
+    RGBA kept, every other mode ``convert("RGB")``; ToTensor; ``ResizeMaxSize(224)`` on the
+    tensor (resize and pad only when the scale is not 1); ``MaskAwareNormalize`` (alpha as is)."""
+    image = image if image.mode == "RGBA" else image.convert("RGB")
+    pixels = T.functional.to_tensor(image)
+    height, width = pixels.shape[1:]
+    scale = 224 / float(max(height, width))
+    if scale != 1.0:
+        height, width = round(height * scale), round(width * scale)
+        pixels = T.functional.resize(pixels, [height, width], interpolation=T.InterpolationMode.BICUBIC, antialias=antialias)
+        pad_h, pad_w = 224 - height, 224 - width
+        pixels = T.functional.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return torch.cat([T.functional.normalize(pixels[:3], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), pixels[3:]])
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_hps_equals_the_reference_transform_in_every_image_mode(mode):
+    for i, size in enumerate([(300, 200), (180, 333)]):
+        image = image_in_mode(mode, *size, seed=i)
+        for antialias in (False, True):
+            ours, theirs = hps_preprocess(image, antialias=antialias), hpsv2_reference_transform(image, antialias)
+            if mode != "RGBA":  # the same torchvision calls in the same order: exact by construction
+                assert torch.equal(ours, theirs), (size, antialias)
+                continue
+            # the reference keeps alpha as a 4th channel (which its ViT rejects); ours are its first
+            # three. Resizing 4 planes instead of 3 may take another kernel path: fp32 tolerance.
+            assert theirs.shape[0] == 4 and ours.shape[0] == 3
+            torch.testing.assert_close(ours, theirs[:3], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------ HPS v2: text and score
@@ -224,6 +249,41 @@ def test_pickscore_fast_path_is_bit_identical_to_the_pil_processor_on_real_image
         with Image.open(path) as image:
             expected = pick.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
             assert torch.equal(pick.preprocess_image(image), expected), path
+
+
+def reference_pickscore_input(image: Image.Image) -> Image.Image:
+    """The RGB image the reference's processor works on: PIL's ``convert("RGB")`` (transformers
+    4.27.3, the version PickScore pins, and PickScore's own data loader), with no transparency
+    entry left for a newer processor to composite onto white."""
+    rgb = image.convert("RGB")
+    rgb.info.pop("transparency", None)
+    return rgb
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_pickscore_equals_the_reference_processor_in_every_image_mode(pick, mode):
+    """(Also checked against transformers 4.27.3 itself, in a separate environment: bit-identical.)"""
+    for i, size in enumerate([(64, 64), (301, 180), (225, 301), (512, 512)]):
+        image = image_in_mode(mode, *size, seed=i)
+        expected = pick.image_processor(images=reference_pickscore_input(image), return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(pick.preprocess_image(image), expected), size
+
+
+def test_pickscore_drops_alpha_instead_of_compositing_onto_white(pick):
+    transparent_red = Image.new("RGBA", (224, 224), (255, 0, 0, 0))
+    pixels = pick.preprocess_image(transparent_red) * STD + MEAN
+    torch.testing.assert_close(pixels, torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 224, 224), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P+transparency", "RGB+transparency"])
+def test_pickscore_without_a_fast_path_hands_the_processor_the_references_rgb_image(pick, mode):
+    processor = copy.deepcopy(pick.image_processor)
+    processor.do_center_crop = False
+    slow = PickScoreReward(pick.model, processor, pick.tokenizer)
+    assert slow.fast_path is None
+    image = image_in_mode(mode, 301, 180)
+    expected = processor(images=reference_pickscore_input(image), return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(slow.preprocess_image(image), expected)
 
 
 def test_pickscore_processor_with_other_settings_has_no_fast_path(pick):

@@ -10,7 +10,6 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,16 +24,12 @@ from reward.imagereward import (
     load_imagereward,
     make_tiny_imagereward,
 )
-from reward.preprocess import openai_clip_transform
 from sr_finetune.errors import UserError
+
+from conftest import IMAGE_MODES, image_in_mode, openai_clip_reference_transform
 
 DEMO_PROMPT = "a painting of an ocean with clouds and birds, day time, low depth field effect"
 CLS, SEP, PAD = 101, 102, 0
-
-
-def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
-    return Image.fromarray(pixels, mode)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +97,15 @@ def test_tokenizer_is_bert_uncased_plus_dec_bos_and_enc(model):
 # ------------------------------------------------------------------------------- pixels
 
 
-@pytest.mark.parametrize("size, mode", [((517, 300), "RGB"), ((300, 301), "RGBA"), ((640, 480), "L")])
-def test_preprocess_equals_the_openai_clip_transform(model, size, mode):
-    image = random_image(*size, seed=size[0], mode=mode) if mode != "L" else random_image(*size).convert("L")
-    pixels = model.preprocess_image(image)
-    assert pixels.shape == (3, 224, 224)
-    assert torch.equal(pixels, openai_clip_transform(224)(image))
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_preprocess_is_bit_identical_to_the_openai_clip_transform_in_every_image_mode(model, mode):
+    """ImageReward copies openai/CLIP's ``_transform``; exact by construction (PIL integer ops,
+    ToTensor + Normalize as tables of their own values)."""
+    for i, size in enumerate([(517, 300), (300, 301), (640, 480)]):
+        image = image_in_mode(mode, *size, seed=i)
+        pixels = model.preprocess_image(image)
+        assert pixels.shape == (3, 224, 224)
+        assert torch.equal(pixels, openai_clip_reference_transform(224)(image)), size
 
 
 # ------------------------------------------------------------------------ checkpoint layout

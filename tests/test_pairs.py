@@ -217,6 +217,35 @@ def test_imagefolder_with_metadata_jsonl(tmp_path, sid_lsg):
     assert reg.skipped == {"missing_file": 1, "empty_caption": 1}
 
 
+@pytest.mark.parametrize("metadata", ["metadata.jsonl", "metadata.csv"])
+@pytest.mark.parametrize("check_files", [True, False])
+def test_imagefolder_rows_without_a_file_name_or_caption_are_skipped_and_logged_by_row(tmp_path, sid_lsg, metadata, check_files, caplog):
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    Path(folder / "0.png").symlink_to(sid_lsg.abs_path.iloc[0])
+    records = [{"file_name": "0.png", "text": "a cat"}, {"file_name": "", "text": "no file"}, {"file_name": None, "text": "none"}, {"file_name": "0.png", "text": None}, {"text": "no key"}]
+    if metadata == "metadata.csv":
+        pd.DataFrame(records).to_csv(folder / metadata, index=False)
+    else:
+        (folder / metadata).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    with caplog.at_level(logging.WARNING):
+        reg = read_regularization(str(folder), check_files=check_files)
+    assert reg.rows.text.tolist() == ["a cat"] and reg.rows.path.tolist() == [str(folder / "0.png")]
+    assert reg.skipped == {"no_image": 3, "empty_caption": 1}
+    assert f"skipped 3 no_image (rows {metadata}:1, {metadata}:2, {metadata}:4)" in caplog.text
+    assert f"skipped 1 empty_caption (rows {metadata}:3)" in caplog.text
+
+
+def test_parquet_rows_without_a_caption_or_image_are_logged_by_file_and_row(tmp_path, sid_lsg, caplog):
+    Path(tmp_path / "0.png").symlink_to(sid_lsg.abs_path.iloc[0])
+    pd.DataFrame({"image_path": ["0.png", "", None, "0.png"], "caption": ["a cat", "x", "y", None]}).to_parquet(tmp_path / "pairs.parquet")
+    with caplog.at_level(logging.WARNING):
+        reg = read_regularization(str(tmp_path / "pairs.parquet"))
+    assert len(reg) == 1 and reg.skipped == {"empty_caption": 1, "no_image": 2}
+    assert reg.skipped_rows == {"empty_caption": ["pairs.parquet:3"], "no_image": ["pairs.parquet:1", "pairs.parquet:2"]}
+    assert "skipped 2 no_image (rows pairs.parquet:1, pairs.parquet:2)" in caplog.text
+
+
 def test_imagefolder_with_metadata_csv_and_a_named_caption_column(tmp_path, sid_lsg):
     folder = tmp_path / "laion"
     folder.mkdir()

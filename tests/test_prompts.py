@@ -49,6 +49,20 @@ def test_parquet_and_plain_json_list(tmp_path):
     assert load_prompts(str(tmp_path / "l.json")).ids == ["000000", "000001", "000002"]
 
 
+def test_empty_id_cells_are_skipped_by_row_and_integer_ids_stay_integers(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "p.csv").write_text("id,prompt\n1,a cat\n,a dog\n3,a cow\n  ,a hen\n")
+    records = [{"id": 1, "prompt": "a cat"}, {"id": None, "prompt": "a dog"}, {"id": 3, "prompt": "a cow"}, {"prompt": "a hen"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    pd.DataFrame(records).astype({"id": "Int64"}).to_parquet(tmp_path / "p.parquet")
+    for name in ("p.csv", "p.jsonl", "p.parquet"):
+        ps = load_prompts(str(tmp_path / name))
+        assert ps.ids == ["1", "3"] and ps.prompts == ["a cat", "a cow"], name
+        assert ps.skipped == {"missing ids": [1, 3]}, name
+        assert f"{name}: skipped 2 missing ids (rows 1, 3)" in ps.skip_summary()
+
+
 def test_bad_sources_give_one_line_errors(tmp_path):
     with pytest.raises(PromptError, match=r"prompt file not found: .*missing.txt"):
         load_prompts(str(tmp_path / "missing.txt"))

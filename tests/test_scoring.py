@@ -1,3 +1,4 @@
+import json
 import os
 
 import pandas as pd
@@ -106,6 +107,49 @@ def test_bad_tables_are_one_line_errors(tmp_path):
     (tmp_path / "t.csv").write_text("file,prompt\na.png,x\n")
     with pytest.raises(ValueError, match=r"t.csv: no column 'path' \(columns: file, prompt\)"):
         read_image_table(ScoreConfig(image_table=str(tmp_path / "t.csv")))
+
+
+def score_cli(tiny_scorers, table, out) -> int:
+    """``sr-finetune score image_table=...`` with the tiny HPS v2 scorer."""
+    from sr_finetune.cli import main
+
+    weights, _ = tiny_scorers
+    overrides = [f"image_table={table}", "metrics=[hpsv2]", f"weights={{hpsv2: {weights['hpsv2']}}}", "options={hpsv2: {model_config: tiny}}"]
+    return main(["score", *overrides, f"output_dir={out}", "device=cpu", "num_workers=0", "batch_size=4"])
+
+
+def test_rows_with_an_empty_prompt_path_or_id_are_skipped_and_counted_with_their_rows(tiny_scorers, tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 30), (10, 200, 90)).save(tmp_path / f"{name}.png")
+    # rows 1-3 each lack one cell; "NA" and "None" are prompts, not missing values
+    (tmp_path / "t.csv").write_text("image_id,path,prompt\nx0,a.png,NA\nx1,b.png,\nx2,,a dog\n,c.png,a cow\nx4,c.png,None\n")
+    with caplog.at_level("INFO"):
+        assert score_cli(tiny_scorers, tmp_path / "t.csv", tmp_path / "out") == 0
+    table = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert table.image_id.tolist() == ["x0", "x4"] and table.prompt.tolist() == ["NA", "None"]
+    for line in ("t.csv: skipped 1 empty prompts (rows 1)", "t.csv: skipped 1 empty paths (rows 2)", "t.csv: skipped 1 missing ids (rows 3)"):
+        assert line in caplog.text
+    assert "2/2 images scored, errors: none, skipped rows: 1 empty paths, 1 empty prompts, 1 missing ids;" in caplog.text
+
+
+def test_empty_cells_of_json_and_parquet_tables_are_skipped_and_ids_stay_integers(tmp_path):
+    from reward.scoring import read_image_rows
+
+    rows = [{"image_id": 7, "path": "a.png", "prompt": "a cat"}, {"image_id": None, "path": "b.png", "prompt": "x"}, {"image_id": 9, "path": "c.png", "prompt": None}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).astype({"image_id": "Int64"}).to_parquet(tmp_path / "t.parquet")
+    for name in ("t.jsonl", "t.parquet"):
+        found = read_image_rows(ScoreConfig(image_table=str(tmp_path / name)))
+        assert found.rows.image_id.tolist() == ["7"] and found.rows.path.tolist() == [str(tmp_path / "a.png")], name
+        assert found.skipped == {"empty prompts": [2], "missing ids": [1]}, name
+
+
+def test_a_table_without_a_complete_row_is_a_one_line_error(tiny_scorers, tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("path,prompt\n,a cat\nb.png,\n")
+    assert score_cli(tiny_scorers, tmp_path / "t.csv", tmp_path / "out") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "nothing to score: " in error
+    assert "t.csv: skipped 1 empty paths (rows 0); " in error and "t.csv: skipped 1 empty prompts (rows 1)" in error
 
 
 def test_two_processes_score_every_image_once(tiny_scorers, sid_table, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_tiny_reward
+from conftest import image_in_mode, load_tiny_reward
 from reward import load_reward
 from reward.tiny import METRICS, make_tiny_rewards
 from sr_finetune.cli import main
@@ -90,6 +90,20 @@ def test_openai_clip_and_pickscore_resize_each_rgb_image_once(tiny_rewards, monk
     assert resized == [(301, 250)]
     for name, tensor in expected.items():
         assert torch.equal(pixels[plan.pixel_keys[name]], tensor), name
+
+
+def test_shared_preprocessing_of_transparent_images_equals_each_scorers_own(tiny_rewards):
+    """OpenAI CLIP resizes before converting, PickScore after: the shared resize must not mix them up."""
+    from reward.scoring import plan_inputs
+
+    _, settings = tiny_rewards
+    scorers = {name: load_tiny_reward(settings, name) for name in ("clip", "pickscore")}
+    plan = plan_inputs(scorers)
+    for mode in ("RGBA", "LA", "P+transparency"):
+        image = image_in_mode(mode, 301, 250)
+        pixels = plan.preprocess(image)
+        for name, scorer in scorers.items():
+            assert torch.equal(pixels[plan.pixel_keys[name]], scorer.preprocess_image(image)), (mode, name)
 
 
 def test_loading_several_together_gives_the_same_models_in_the_given_order(tiny_rewards):

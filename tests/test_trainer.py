@@ -21,27 +21,6 @@ from sr_finetune.training.losses import min_snr_weights, snr
 NEG = "t@y quality"
 
 
-@pytest.fixture(scope="module")
-def finetune_set(tmp_path_factory) -> Path:
-    """10 rows: 4 prompts x (chosen, rejected + negative token) and 2 regularisation images, 40x48 px."""
-    from datasets import Dataset, Features, Image, Value
-    from PIL import Image as PILImage
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        for role in ("chosen", "rejected"):
-            text = f"a photo of animal {i}" + (f" {NEG}" if role == "rejected" else "")
-            rows.append({"text": text, "role": role, "prompt_id": f"p{i}", "score": float(rng.random())})
-    rows += [{"text": f"a laion caption {i}", "role": "regularization", "prompt_id": f"laion{i}", "score": 0.0} for i in range(2)]
-    for row in rows:
-        row["image"] = PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    features = Features({"image": Image(), "text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), "score": Value("float32")})
-    path = tmp_path_factory.mktemp("finetune_set") / "pairs"
-    Dataset.from_list(rows, features=features).save_to_disk(str(path))
-    return path
-
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
@@ -107,7 +86,7 @@ def test_saved_pipeline_loads_generates_and_has_trained_unet_and_text_encoder(ti
     image = pipe("a cat", negative_prompt=NEG, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_sd}" in card and f'negative_prompt="{NEG}"' in card
+    assert "base_model:" not in card and f"a local model folder, `{tiny_sd}`" in card and f'negative_prompt="{NEG}"' in card
     assert "| chosen | 4 |" in card and "| regularization | 2 |" in card and "| unet_lr | 0.001 |" in card
     assert load_config(FinetuneConfig, out / "config.yaml").max_train_steps == 2  # resolved config round-trips
 
@@ -286,6 +265,7 @@ def test_two_processes_train_one_model(tiny_sd, finetune_set, tmp_path):
         ("lora.rank=4 train_unet=false", "lora.rank: LoRA adapts the UNet"),
         ("center_crop=false", "cache_latents: cache_latents=true needs center_crop=true"),
         ("push_to_hub=true", "hub_model_id: push_to_hub=true needs hub_model_id"),
+        ("push_to_hub=true hub_model_id=me/tiny--sr", "hub_model_id: 'me/tiny--sr' is not a hub repo id"),
         ("optimizer=sgd", "optimizer: must be one of"),
         ("prediction_type=sample", "prediction_type: must be one of"),
     ],
@@ -310,20 +290,6 @@ def test_dataset_without_a_role_column_is_refused(tiny_sd, tmp_path):
     Dataset.from_dict({"text": ["a"], "prompt_id": ["p"], "score": [1.0]}).save_to_disk(str(path))
     with pytest.raises(UserError, match=r"lacks column\(s\) \['image', 'role'\]"):
         run_finetune(tiny_cfg(tiny_sd, path, tmp_path / "ft"))
-
-
-def test_push_uploads_the_pipeline_but_not_the_training_state(tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
-
-    from sr_finetune.training.export import push_folder
-
-    calls = {}
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create", (self.token, repo_id, kw)) and f"https://hub/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
-    push_folder(tmp_path, "me/sd21-sr", private=True)
-    assert calls["create"][0] == "hf_secret_token" and calls["create"][1] == "me/sd21-sr"
-    assert calls["upload"]["repo_id"] == "me/sd21-sr" and "checkpoint-*" in calls["upload"]["ignore_patterns"]
 
 
 def test_resume_with_another_batch_size_is_refused(tiny_sd, finetune_set, tmp_path):

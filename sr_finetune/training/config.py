@@ -121,4 +121,9 @@ class FinetuneConfig:
         # A cached latent is of one crop of the image; random crops would need a new encode each step.
         require(not (self.cache_latents and not self.center_crop), "cache_latents", "cache_latents=true needs center_crop=true (random crops change the latents every step); set cache_latents=false for random crops")
         require(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "push_to_hub=true needs hub_model_id (e.g. 'me/sd21-social-reward')")
+        if self.hub_model_id:
+            from ..hub import repo_id_problem
+
+            problem = repo_id_problem(self.hub_model_id)
+            require(problem is None, "hub_model_id", f"'{self.hub_model_id}' is not a hub repo id: {problem}")
         require(bool(self.negative_token.strip()), "negative_token", "must not be empty")

@@ -1,15 +1,12 @@
-"""The fine-tuned model as a diffusers ``StableDiffusionPipeline`` folder, its model card, and the hub upload."""
+"""The fine-tuned model as a diffusers ``StableDiffusionPipeline`` folder and its model card (the upload is ``sr_finetune.hub``)."""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-# What `push_to_hub` leaves out of the output folder: training state, not the model.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*/**", "logs/**", "cache/**"]
 
 
 def save_pipeline(cfg, output_dir: Path, unet=None, text_encoder=None) -> Path:
@@ -24,16 +21,67 @@ def save_pipeline(cfg, output_dir: Path, unet=None, text_encoder=None) -> Path:
     return output_dir
 
 
-def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_type: str) -> str:
-    """The README.md of the saved pipeline: what it was trained from, on what, and how to prompt it."""
+def read_pairs_summary(dataset: str | None) -> dict | None:
+    """The pair builder's ``summary.json`` beside the fine-tune set (counts and settings), if it is there."""
+    path = Path(dataset) / "summary.json" if dataset else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        logger.warning("%s is not readable JSON; the model card leaves out how the pairs were made", path)
+        return None
+
+
+def rejected_sentence(token: str, rejected_format: str | None) -> str:
+    """How a rejected image's caption was written, as the pair builder's ``rejected_format`` made it."""
+    if rejected_format is None:
+        return f"the worst-rated with captions that carry the negative token `{token}`"
+    caption = rejected_format.format(token=token, prompt="<prompt>")
+    where = "before" if rejected_format.startswith("{token}") else "after" if rejected_format.endswith("{token}") else "inside"
+    return f"the worst-rated with the caption `{caption}` (the negative token {where} the prompt: `rejected_format: \"{rejected_format}\"`)"
+
+
+def curation_text(summary: dict | None, dataset: str | None) -> str:
+    """Where the training rows came from: the reward that ranked the generations, the filters, the regularisation set."""
+    if summary is None:
+        return f"Fine-tune set: `{dataset}` (built without the pair builder's summary.json, so its curation is not recorded here)."
+    pairs = summary.get("config", {})
+    filters = []
+    if pairs.get("confidence_k"):
+        filters.append(f"a best (worst) image kept only when confidently best (worst): HPS v1 filter, k={pairs['confidence_k']}, T={pairs.get('confidence_temperature')}")
+    if pairs.get("max_rejected_ratio") is not None:
+        filters.append(f"at most {pairs['max_rejected_ratio']} rejected rows per chosen row")
+    skipped = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in summary.get("skipped", {}).items() if n)
+    text = (f"Fine-tune set: {summary.get('images')} generated images of {summary.get('prompts')} prompts, ranked per prompt by the "
+            f"`{pairs.get('reward_column')}` reward; the highest-scoring image of each prompt is *chosen*, the lowest *rejected*"
+            + "".join(f"; {f}" for f in filters) + (f". Left out: {skipped}." if skipped else "."))
+    reg = summary.get("regularization") or {}
+    if reg.get("used"):
+        text += f" Regularisation: {reg['used']} captioned images of `{reg.get('source')}` ({pairs.get('regularization_share', 0):.0%} of the set)."
+    return text
+
+
+def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_type: str, pairs_summary: dict | None = None) -> str:
+    """The README.md of the saved pipeline: what it was trained from, on what, and how to prompt it.
+
+    ``base_model`` is set only when the base is a hub id (a local base is named in the text);
+    ``pairs_summary`` is the pair builder's summary.json (how rejected captions were written,
+    which reward ranked the images)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from ..hub import REPO_PLACEHOLDER, base_license, hub_id_of
+
+    base_id = hub_id_of(cfg.model)
     data = ModelCardData(
-        base_model=cfg.model,
+        base_model=base_id,
+        license=base_license(cfg.model, cfg.revision),
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=["stable-diffusion", "text-to-image", "diffusers", "sr-finetune", "social-reward"] + (["lora"] if cfg.lora.rank else []),
     )
+    revision = f" (revision `{cfg.revision}`)" if cfg.revision else ""
+    base = f"[`{base_id}`](https://huggingface.co/{base_id}){revision}" if base_id else f"a local model folder, `{cfg.model}`{revision}, that is not on the hub"
     trained = ", ".join(name for name, on in (("UNet" + (f" (LoRA rank {cfg.lora.rank}, merged)" if cfg.lora.rank else ""), cfg.train_unet), ("text encoder", cfg.train_text_encoder)) if on)
     hyper = {
         "steps": global_step, "resolution": cfg.resolution, "train_batch_size (per process)": cfg.train_batch_size,
@@ -45,16 +93,19 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     count_rows = "\n".join(f"| {role} | {n} |" for role, n in counts.items())
     token = cfg.negative_token
+    rejected_format = (pairs_summary or {}).get("config", {}).get("rejected_format")
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Reward-guided fine-tune of {cfg.model}
+# Reward-guided fine-tune of {base_id or 'a local Stable Diffusion model'}
+
+Base model: {base}.
 
 Fine-tuned with `sr-finetune` after *Social Reward* (Isajanyan et al., ICLR 2024):
-the best-rated image of each prompt is trained on as is, the worst-rated with the negative token
-`{token}` appended to its prompt, and a regularisation set keeps the model close to its base.
-Trained: {trained}.
+the best-rated image of each prompt is trained on with its prompt as caption,
+{rejected_sentence(token, rejected_format)},
+and a regularisation set keeps the model close to its base. Trained: {trained}.
 
 ## Use
 
@@ -63,11 +114,13 @@ The negative token names what the model learned to avoid. Pass it as the negativ
 ```python
 from diffusers import StableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{cfg.hub_model_id or 'path/to/this/folder'}")
+pipe = StableDiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}")
 image = pipe("a photo of a red fox in the snow", negative_prompt="{token}").images[0]
 ```
 
 ## Training data
+
+{curation_text(pairs_summary, cfg.dataset)}
 
 | role | rows |
 | --- | --- |
@@ -88,14 +141,3 @@ def write_model_card(output_dir: Path, text: str) -> Path:
     path = output_dir / "README.md"
     ModelCard(text).save(path)
     return path
-
-
-def push_folder(output_dir: Path, repo_id: str, private: bool = True) -> str:
-    """Upload the pipeline folder (not the training state) to the hub with the token from ``HF_TOKEN``."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=os.environ.get("HF_TOKEN"))  # None falls back to `huggingface-cli login`
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model", ignore_patterns=HUB_IGNORE_PATTERNS, commit_message="Upload fine-tuned pipeline (sr-finetune)")
-    logger.info("pushed %s to %s", output_dir, url)
-    return str(url)

@@ -18,7 +18,10 @@ Supported:
 
 Refused (config errors): nothing to train; LoRA without ``train_unet``; ``cache_latents`` with
 random crops; a ``prediction_type`` the model's scheduler does not have; ``push_to_hub`` without
-``hub_model_id``. Untested: FSDP and DeepSpeed (the EMA expects unsharded parameters).
+a well-formed ``hub_model_id``, without a hub token or with ``HF_HUB_OFFLINE`` set (checked before
+training). A push that fails after training is one error naming the saved folder and the
+``sr-finetune push`` command that retries it. Untested: FSDP and DeepSpeed (the EMA expects
+unsharded parameters).
 
 Output: ``output_dir/`` becomes a ``StableDiffusionPipeline`` folder (+ README.md model card,
 config.yaml), beside ``checkpoint-<step>/`` folders, ``logs/`` and ``cache/``.
@@ -38,12 +41,13 @@ import torch
 from ..config import to_yaml
 from ..distributed import warn_if_single_cpu_launch
 from ..errors import ConfigError, MissingDependencyError, UserError
+from ..hub import HubError, check_hub_access, push_folder
 from ..progress import progress as progress_bar
 from ..progress import quiet_library_bars
 from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
 from .config import FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts
-from .export import model_card_text, push_folder, save_pipeline, write_model_card
+from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
 from .losses import denoising_loss, min_snr_weights, snr, training_target
 
 logger = logging.getLogger(__name__)
@@ -277,6 +281,11 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
 
     if not cfg.dataset:
         raise ConfigError("config error: finetune.dataset is required (a folder written by datasets.save_to_disk, e.g. from build-pairs)")
+    if cfg.push_to_hub:  # before any training: a push that cannot work must not cost a run
+        try:
+            check_hub_access(cfg.hub_model_id)
+        except HubError as exc:
+            raise HubError(f"push_to_hub=true: {exc}; nothing was trained (or set push_to_hub=false and upload later with `sr-finetune push`)") from None
     warn_if_single_cpu_launch()
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, output_dir)
@@ -433,7 +442,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     accelerator.wait_for_everyone()
     if progress.global_step > 0 and last_saved != progress.global_step:
         save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
-    hub_url = None
+    hub_url = push_error = None
     if is_main:
         if ema is not None:
             ema.copy_to(params)
@@ -442,11 +451,16 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
             final_unet.fuse_lora()
             final_unet.unload_lora()
         save_pipeline(cfg, output_dir, unet=final_unet, text_encoder=accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
-        write_model_card(output_dir, model_card_text(cfg, counts, progress.global_step, prediction_type))
+        write_model_card(output_dir, model_card_text(cfg, counts, progress.global_step, prediction_type, read_pairs_summary(cfg.dataset)))
         if cfg.push_to_hub:
-            hub_url = push_folder(output_dir, cfg.hub_model_id, private=cfg.hub_private)
+            try:
+                hub_url = push_folder(output_dir, cfg.hub_model_id, private=cfg.hub_private)
+            except HubError as exc:  # raised after every process has finished, so none waits for the main one
+                push_error = exc
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if push_error is not None:
+        raise HubError(f"training finished and the pipeline is saved in {output_dir} (step {progress.global_step}), but the {push_error}")
     return FinetuneSummary(
         output_dir=str(output_dir),
         global_step=progress.global_step,

@@ -1,0 +1,123 @@
+"""A simulated community whose engagement logs carry the world's hidden taste.
+
+Users post renders of world prompts (several users per prompt, each image its own scene) and
+remix what they see. Every post gets a number of views from a heavy-tailed exposure (lognormal
+noise, times ``influencer_boost`` for posts of influencers); each view turns into a remix with a
+probability that rises with the image's hidden taste (:func:`sr_finetune.world.taste.taste`).
+Remix counts are therefore heavy-tailed and driven by exposure, and the taste shows only through
+them, as it does in real logs. The logs follow the curation stage's schema (``images.parquet``,
+``remixes.parquet``, ``influencers.txt``; see the triplet contract); ``truth.parquet`` keeps what
+the logs hide (taste, remix probability, exposure) for checking, never for training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from sr_finetune.errors import UserError
+from sr_finetune.io import atomic_write_parquet
+
+from .scenes import IMAGE_SIZE, render, sample_scene, split_prompts
+from .taste import taste
+
+START = pd.Timestamp("2026-01-01T00:00:00Z")
+
+
+@dataclass
+class CommunityConfig:
+    prompts: int = 300  # prompts of the split that get posts
+    split: str = "train"
+    users: int = 400
+    influencers: int = 8
+    mean_posts_per_prompt: float = 6.0  # 2 + geometric extra posts, capped at max_posts_per_prompt
+    max_posts_per_prompt: int = 24
+    median_views: float = 30.0
+    exposure_sigma: float = 1.0  # lognormal exposure noise
+    influencer_boost: float = 8.0
+    remix_rate: float = 0.01  # per-view remix probability at the typical taste
+    taste_strength: float = 12.0  # logit slope of the remix probability in the taste
+    typical_taste: float = 0.47
+    days: int = 30
+    image_size: int = IMAGE_SIZE
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("prompts", "users", "median_views", "mean_posts_per_prompt", "image_size"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"community: {key} must be positive (got {getattr(self, key)})")
+        if not 0 <= self.influencers <= self.users:
+            raise UserError(f"community: influencers must be between 0 and users ({self.users}), got {self.influencers}")
+        if not 0 < self.remix_rate < 1:
+            raise UserError(f"community: remix_rate must be in (0, 1), got {self.remix_rate}")
+        if self.mean_posts_per_prompt < 2:
+            raise UserError(f"community: mean_posts_per_prompt must be at least 2, got {self.mean_posts_per_prompt}")
+
+
+def remix_probability(taste_value: np.ndarray | float, cfg: CommunityConfig) -> np.ndarray:
+    """Per-view remix probability: logistic in the taste, ``remix_rate`` at the typical taste."""
+    logit = np.log(cfg.remix_rate / (1 - cfg.remix_rate)) + cfg.taste_strength * (np.asarray(taste_value) - cfg.typical_taste)
+    return 1 / (1 + np.exp(-logit))
+
+
+def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None = None) -> dict[str, Path]:
+    """Write images and engagement logs of a simulated community to ``out_dir``; deterministic in ``cfg.seed``."""
+    cfg = cfg or CommunityConfig()
+    cfg.validate()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    prompts = split_prompts(cfg.split)
+    if cfg.prompts > len(prompts):
+        raise UserError(f"community: prompts={cfg.prompts} but the {cfg.split} split has {len(prompts)}")
+    chosen = [prompts[i] for i in sorted(rng.choice(len(prompts), cfg.prompts, replace=False))]
+    users = np.array([f"u{i:04d}" for i in range(cfg.users)])
+    activity = 1.0 / np.arange(1, cfg.users + 1) ** 0.8  # a few very active users, a long tail
+    activity /= activity.sum()
+    influencers = set(rng.choice(users, cfg.influencers, replace=False).tolist())
+
+    images, remixes, truth = [], [], []
+    extra_p = 1 / (cfg.mean_posts_per_prompt - 1)
+    for prompt in tqdm(chosen, desc="community", unit="prompt"):
+        posts = min(cfg.max_posts_per_prompt, 2 + int(rng.geometric(extra_p)) - 1)
+        for _ in range(posts):
+            image_id = f"w{len(images):06d}"
+            scene = sample_scene(prompt, int(rng.integers(2**62)))
+            picture = render(scene, cfg.image_size)
+            path = f"images/{image_id}.png"
+            picture.save(out / path)
+            poster = str(rng.choice(users, p=activity))
+            posted_at = START + pd.Timedelta(seconds=float(rng.uniform(0, cfg.days * 86400)))
+            exposure = float(rng.lognormal(0.0, cfg.exposure_sigma)) * (cfg.influencer_boost if poster in influencers else 1.0)
+            views = max(1, int(round(cfg.median_views * exposure)))
+            value = taste(picture)
+            p = float(remix_probability(value, cfg))
+            before_first = int(rng.geometric(p)) - 1  # views before the first remix
+            count = 0 if before_first >= views else 1 + int(rng.binomial(views - before_first - 1, p))
+            # views arrive over a few days; remixes happen at views, in order
+            span = float(rng.exponential(2.0)) * 86400 + 3600
+            times = np.sort(rng.uniform(0, span, size=count))
+            for t in times:
+                remixer = poster
+                while remixer == poster:
+                    remixer = str(rng.choice(users, p=activity))
+                remixes.append({"image_id": image_id, "remixer_user_id": remixer, "at": posted_at + pd.Timedelta(seconds=float(t))})
+            images.append({"image_id": image_id, "prompt": prompt.text, "path": path, "user_id": poster, "posted_at": posted_at, "views_before_first_remix": min(before_first, views)})
+            truth.append({"image_id": image_id, "taste": value, "remix_probability": p, "exposure": exposure, "views": views, "remixes": count})
+
+    paths = {"images": out / "images.parquet", "remixes": out / "remixes.parquet", "influencers": out / "influencers.txt", "truth": out / "truth.parquet"}
+    atomic_write_parquet(pd.DataFrame(images), paths["images"])
+    atomic_write_parquet(pd.DataFrame(remixes, columns=["image_id", "remixer_user_id", "at"]), paths["remixes"])
+    paths["influencers"].write_text("".join(f"{u}\n" for u in sorted(influencers)))
+    atomic_write_parquet(pd.DataFrame(truth), paths["truth"])
+    (out / "community.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return paths
+
+
+__all__ = ["CommunityConfig", "remix_probability", "simulate_community"]
