@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sr_finetune.errors import UserError
+from sr_finetune.progress import progress
 from sr_finetune.world.assets import pack_state, unpack_state, world_token_ids
 from sr_finetune.world.scenes import IMAGE_SIZE, split_prompts
 from sr_finetune.world.train_base import lr_at, open_run, sample_renders, seed_of
@@ -96,7 +96,7 @@ def train_world_clip(cfg: ClipTrainConfig, resume: bool = False) -> Path:
         start = ckpt.state()["step"]
     transform = openai_clip_transform(WORLD_CLIP["image_size"])
     prompts = split_prompts("train")
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="world clip", unit="step")
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="world clip", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from sr_finetune.errors import UserError
+from sr_finetune.progress import progress
 from sr_finetune.io import atomic_write_parquet
 
 from .scenes import IMAGE_SIZE, render, sample_scene, split_prompts
@@ -84,7 +84,7 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
 
     images, remixes, truth = [], [], []
     extra_p = 1 / (cfg.mean_posts_per_prompt - 1)
-    for prompt in tqdm(chosen, desc="community", unit="prompt"):
+    for prompt in progress(chosen, desc="community", unit="prompt"):
         posts = min(cfg.max_posts_per_prompt, 2 + int(rng.geometric(extra_p)) - 1)
         for _ in range(posts):
             image_id = f"w{len(images):06d}"

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from ..progress import progress
 from .pixels import ATTRIBUTES, FIDELITY_ATTRIBUTES, read_image
 from .scenes import COLOURS, COUNTS, SHAPES, SIZES, TEXTURES, split_prompts
 
@@ -61,7 +61,7 @@ def measure_fidelity(
     out = Path(out_dir) if out_dir else None
     if out:
         (out / "images").mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(jobs), batch_size), desc="fidelity", unit="batch"):
+    for start in progress(range(0, len(jobs), batch_size), desc="fidelity", unit="batch"):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(image_seed(seed, p, k)) for _, p, k in batch]
         with torch.no_grad():

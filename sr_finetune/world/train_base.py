@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from sr_finetune.errors import UserError
+from sr_finetune.progress import progress
 
 from .base_model import WorldModelSpec, build_text_encoder, build_unet, build_vae, scheduler_config
 from .scenes import Prompt, render, sample_scene, split_prompts
@@ -157,7 +157,7 @@ def _tokenizer(out: Path):
 def train_vae(vae, cfg: BaseTrainConfig, prompts: list[Prompt], ckpt: Checkpoint, start: int, optimizer) -> None:
     """Reconstruction (MSE) plus a small KL term, as SD's VAE but without the GAN/perceptual losses."""
     vae.train()
-    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", unit="step")
+    bar = progress(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.vae_lr, cfg.warmup_steps, cfg.vae_steps)
@@ -193,7 +193,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, cfg: BaseTrainConfig, prompts
     unet.train()
     text_encoder.train()
     vae.eval()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", unit="step")
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", unit="step")
     t0, done = time.time(), 0
     for step in bar:
         for group in optimizer.param_groups:
