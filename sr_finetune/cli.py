@@ -3,7 +3,7 @@
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
-    sr-finetune generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
+    sr-finetune train-reward | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
 """
 
@@ -74,6 +74,12 @@ def _score(cfg):
     return run_scoring(cfg)
 
 
+def _train_reward(cfg):
+    from reward.train import run_train_reward
+
+    return run_train_reward(cfg)
+
+
 def _evaluate(cfg):
     from eval.harness import run_evaluation
 
@@ -141,6 +147,7 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 # (subcommand, config section, runner, help), in the order of the flow
 STAGES = [
+    ("train-reward", "train_reward", _train_reward, "train a Social Reward model on curated triplets (resumable, multi-process, loss ablation)"),
     ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
