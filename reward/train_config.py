@@ -74,6 +74,10 @@ class TrainRewardConfig:
         require(self.device in ("auto", "cpu"), "device", f"must be auto or cpu, got '{self.device}' (accelerate picks the GPU of each process)")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "adam_beta1", f"betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit", f"must be >= 1, got {self.checkpoints_total_limit}")
+        require(
+            not self.ablation or self.resume_from_checkpoint in (None, "latest"), "resume_from_checkpoint",
+            "with ablation=true use 'latest' (each loss resumes from its own output_dir/ablation/<loss>)",
+        )
         splits = [self.train_split, self.val_split] + ([self.test_split] if self.test_split else [])
         require(len(set(splits)) == len(splits), "val_split", f"train, val and test splits must differ, got {splits}")
 

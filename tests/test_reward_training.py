@@ -208,7 +208,7 @@ def test_two_cpu_processes_train_one_model(small_set, small_clip, tmp_path):
     config = tmp_path / "reward.yaml"
     config.write_text(
         f"train_reward:\n  triplets: {small_set}\n  base_model: {small_clip}\n  output_dir: {out}\n  batch_size: 2\n  max_train_steps: 2\n"
-        "  num_workers: 0\n  checkpointing_steps: 1\n  learning_rate: 0.001\n"
+        "  num_workers: 1\n  checkpointing_steps: 1\n  learning_rate: 0.001\n"
     )
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -224,6 +224,36 @@ def test_two_cpu_processes_train_one_model(small_set, small_clip, tmp_path):
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()
 
 
+def test_bf16_autocast_run_trains_and_keeps_fp32_weights(small_set, small_clip, tmp_path):
+    from reward.train import run_train_reward
+
+    out = tmp_path / "reward"
+    summary = run_train_reward(settings(small_set, small_clip, out, mixed_precision="bf16", max_train_steps=2, batch_size=3, checkpointing_steps=0))
+    assert summary.global_step == 2 and np.isfinite(summary.best["val_accuracy"])
+    saved, base = load_file(out / WEIGHTS), read_openai_state_dict(small_clip)
+    assert all(t.dtype == torch.float32 for t in saved.values()) and not torch.equal(saved["text_projection"], base["text_projection"].float())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(small_clip):
+    from reward.losses import preference_loss
+    from reward.train import TripletEncoder, load_clip_for_training
+    from reward.trainable import apply_preset
+
+    grads = []
+    for checkpointing in (False, True):
+        model, scorer = load_clip_for_training(str(small_clip))
+        params = apply_preset(model, "all")
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(0)
+        pos, neg = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+        text, p, n = TripletEncoder(model)(scorer.tokenize(["a red circle", "a blue square on a grey background", "x"]), pos, neg)
+        preference_loss("triplet", text, p, n, margin=0.3).mean().backward()
+        grads.append([param.grad for param in params])
+    assert all(a is not None for a in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -232,6 +262,7 @@ def test_two_cpu_processes_train_one_model(small_set, small_clip, tmp_path):
         ("triplets=null", "train_reward.triplets: required"),
         ("ablation_losses=[triplet,focal]", "train_reward.ablation_losses: must name some of"),
         ("test_split=val", "train_reward.val_split: train, val and test splits must differ"),
+        ("ablation=true resume_from_checkpoint=runs/reward/checkpoint-4", "train_reward.resume_from_checkpoint: with ablation=true use 'latest'"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(override, message):
