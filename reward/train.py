@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch
 from sr_finetune.config import to_yaml
 from sr_finetune.distributed import warn_if_single_cpu_launch
 from sr_finetune.errors import UserError
-from sr_finetune.training.checkpoint import TrainingProgress, resolve_resume, save_checkpoint
+from sr_finetune.training.checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from sr_finetune.training.data import EpochSampler
 from sr_finetune.training.trainer import checked_loss, fused_adamw_available, use_cpu
 
@@ -296,12 +295,8 @@ def train_reward_model(cfg: TrainRewardConfig, accelerator, state: RunState) -> 
     # --- resume
     state.reset(f"{len(dataset)} triplets, batch {cfg.batch_size} x {accelerator.num_processes} processes")
     progress = state.progress
-    if is_main:
-        for stale in output_dir.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(stale)
-    resume_dir = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    resume_dir = resume_training_state(accelerator, cfg.resume_from_checkpoint, output_dir)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, progress.global_step, progress.epoch, progress.batches_in_epoch)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
