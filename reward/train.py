@@ -23,6 +23,11 @@ Supported:
   run (ties count as correct, as the authors' ``validate.py``; their number is reported), computed
   with the scorer's ``score``; the best epoch's weights are kept, then scored on the test split.
 
+Refused (config errors, before any model loads): an unknown preset or loss, equal split names,
+``ablation`` with a ``resume_from_checkpoint`` other than ``latest``. Bad data: a missing file or
+column, repeated triplet ids, an empty split are one-line errors; bad rows are skipped and counted
+(``reward/triplet_data.py``). Untested: FSDP and DeepSpeed.
+
 Output in ``output_dir``: ``social_reward.safetensors`` (the best weights: a plain fp32 state dict
 in the OpenAI CLIP key layout, for ``load_reward("social_reward", weights=...)`` or
 ``model.load_state_dict`` on an OpenAI ``clip`` model), ``val_scores.parquet`` (that epoch's

@@ -57,6 +57,9 @@ def read_triplets(path: str | Path, split: str | None = None) -> pd.DataFrame:
     missing = [c for c in TRIPLET_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"triplets: {file} lacks column(s) {missing}; a triplet table has {list(TRIPLET_COLUMNS)}")
+    repeated = table["triplet_id"][table["triplet_id"].duplicated()]
+    if len(repeated):
+        raise UserError(f"triplets: {file}: triplet_id {repeated.iloc[0]} appears more than once ({len(repeated)} repeats); ids must be unique")
     root = file.parent
     for column in ("pos_path", "neg_path"):
         table[column] = [p if p is None or Path(p).is_absolute() else str(root / p) for p in table[column]]

@@ -277,6 +277,7 @@ def test_bad_settings_are_one_line_config_errors(override, message):
     "change, message",
     [
         (lambda t: t.drop(columns=["neg_path", "split"]), r"lacks column\(s\) \['neg_path', 'split'\]"),
+        (lambda t: t.assign(triplet_id=t.triplet_id.clip(upper=5)), r"triplet_id 5 appears more than once \(18 repeats\)"),
         (lambda t: t[t.split != "val"], r"has no rows in split 'val' \(rows per split: train 12, test 6\)"),
         (lambda t: t.assign(prompt=" "), r"no usable triplets in split 'train' .* \(all 12 skipped: 12 blank prompt"),
     ],
