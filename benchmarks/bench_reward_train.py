@@ -22,7 +22,7 @@ differ. Target: ours >= 1.5x their steps/s.
 no download) with the default preset on random pixels and real prompts, in a fresh process:
 seconds per step (the second of two steps) and peak memory.
 
-    python benchmarks/bench_reward_train.py [--steps 8 32] [--repeats 2] [--workers 2] [--reference ~/src/Social-Reward] [--real-size [--real-batch 32]]
+    python benchmarks/bench_reward_train.py [--steps 8 32] [--repeats 2] [--workers 2] [--threads N] [--reference ~/src/Social-Reward] [--real-size [--real-batch 32]]
 """
 
 from __future__ import annotations
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--reference", help="a Social-Reward checkout: also time its src/train_pair_pos_neg.py")
     parser.add_argument("--real-size", action="store_true", help="also time one real-size ViT-L/14 training step")
     parser.add_argument("--real-batch", type=int, default=BATCH, help="triplets in the real-size step")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every run, ours and theirs (default: torch's, every core); 1 on a CPU shared with other jobs")
     parser.add_argument("--skip-tiny", action="store_true", help="only the real-size step")
     parser.add_argument("--child-real-step", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,12 +249,14 @@ def main() -> None:
         return child_real_step(args.real_batch, args.child_real_step)
     if not 0 < args.steps[0] < args.steps[1]:
         sys.exit("bench_reward_train: --steps needs 0 < N1 < N2")
+    if args.threads:
+        OFFLINE_ENV["OMP_NUM_THREADS"] = str(args.threads)
 
     from reward.openai_clip import make_tiny_openai_clip
 
     with tempfile.TemporaryDirectory(prefix="bench_reward_train-") as tmp:
         root = Path(tmp)
-        print(f"CPU: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f} (other processes on the CPU slow every figure)")
+        print(f"CPU: {os.cpu_count()} cores, {f'{args.threads} torch thread(s) per run' if args.threads else 'torch default threads'}; load average at start {os.getloadavg()[0]:.2f} (other processes on the CPU slow every figure)")
         if not args.skip_tiny:
             weights = make_tiny_openai_clip(root / "clip.pt", seed=0, config=bench_clip_config())
             triplets, reference_train = build_data(root, args.steps[1] * BATCH)

@@ -64,6 +64,7 @@ from .causal_text import encode_text_up_to_eot
 from .clip_scorers import SocialReward, resolve_clip_weights
 from .losses import LOSS_TITLES, preference_loss
 from .openai_clip import OpenAICLIPBackbone, openai_clip_from_state_dict, read_openai_state_dict
+from .scoring import _yield_cpu_to_forward
 from .train_config import TrainRewardConfig
 from .train_outputs import REWARD_WEIGHTS, ablation_table, save_reward_weights, write_model_card, write_summary
 from .trainable import apply_preset, describe_trainable
@@ -108,6 +109,12 @@ def load_clip_for_training(base_model: str | None) -> tuple[torch.nn.Module, Soc
     return model, SocialReward(OpenAICLIPBackbone(model))
 
 
+def cpu_worker_init(device: torch.device):
+    """On a CPU the DataLoader workers run at the lowest priority, as in scoring runs: the forward's
+    OpenMP threads then never wait for a descheduled peer (``reward.scoring._yield_cpu_to_forward``)."""
+    return _yield_cpu_to_forward if device.type == "cpu" else None
+
+
 # ---------------------------------------------------------------------------------------------
 # state kept in checkpoints
 
@@ -146,8 +153,10 @@ def pairwise_scores(scorer: SocialReward, rows: pd.DataFrame, accelerator, batch
     from accelerate.utils import gather_object
 
     share = rows.iloc[accelerator.process_index :: accelerator.num_processes]
-    loader = torch.utils.data.DataLoader(TripletDataset(share, scorer), batch_size=batch_size, collate_fn=collate_triplets, num_workers=num_workers)
     device = accelerator.device
+    loader = torch.utils.data.DataLoader(
+        TripletDataset(share, scorer), batch_size=batch_size, collate_fn=collate_triplets, num_workers=num_workers, worker_init_fn=cpu_worker_init(device),
+    )
     scorer.backbone.clear_cache()  # the cache keys on pixels only: features of older weights must not be reused
     was_training = scorer.training
     scorer.eval()
@@ -288,6 +297,7 @@ def train_reward_model(cfg: TrainRewardConfig, accelerator, state: RunState) -> 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_triplets, num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=cpu_worker_init(device),
     )
     optimizer = torch.optim.AdamW(
         trained, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
