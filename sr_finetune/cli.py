@@ -3,7 +3,7 @@
     sr-finetune tiny-model OUT_DIR [--seed N]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
-    sr-finetune curate | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
+    sr-finetune curate | train-reward | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
@@ -88,6 +88,12 @@ def _score(cfg):
     from reward.scoring import run_scoring
 
     return run_scoring(cfg)
+
+
+def _train_reward(cfg):
+    from reward.train import run_train_reward
+
+    return run_train_reward(cfg)
 
 
 def _evaluate(cfg):
@@ -198,6 +204,7 @@ def _run_stages(args: argparse.Namespace) -> int:
 # (subcommand, config section, runner, help), in the order of the flow
 STAGES = [
     ("curate", "curate", _curate, "engagement logs -> (prompt, positive, negative) triplets split by prompt"),
+    ("train-reward", "train_reward", _train_reward, "train a Social Reward model on curated triplets (resumable, multi-process, loss ablation)"),
     ("accuracy", "accuracy", _accuracy, "pairwise accuracy of reward models on a triplet split, with ties and bootstrap CIs"),
     ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),

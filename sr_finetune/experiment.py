@@ -16,6 +16,7 @@ from eval.prompts import PromptAnalysisConfig
 from eval.validation import ValidateScorerConfig
 from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
+from reward.train_config import TrainRewardConfig
 
 from .generation import GenerateConfig
 from .pairs import PairsConfig
@@ -26,6 +27,7 @@ from .training.config import FinetuneConfig
 class ExperimentConfig:
     """All stage sections; see ``recipes/configs/*.yaml`` for annotated examples."""
 
+    train_reward: TrainRewardConfig = field(default_factory=TrainRewardConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)

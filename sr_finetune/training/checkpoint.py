@@ -65,6 +65,18 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: Path) -> Path
     return path
 
 
+def resume_training_state(accelerator, resume_from_checkpoint: str | None, output_dir: Path) -> Path | None:
+    """Remove half-written checkpoints (main process), then load the checkpoint to resume from, if
+    any (:func:`resolve_resume`); returns its folder."""
+    if accelerator.is_main_process:
+        for stale in output_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(stale)
+    resume_dir = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+    return resume_dir
+
+
 def save_checkpoint(accelerator, output_dir: Path, global_step: int, total_limit: int | None) -> Path:
     """Save the full training state (all processes call this), then keep only the newest ``total_limit``."""
     final = output_dir / f"checkpoint-{global_step}"

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from ..errors import ConfigError, MissingDependencyError, UserError
 from ..hub import HubError, check_hub_access, push_folder
 from ..progress import progress as progress_bar
 from ..progress import quiet_library_bars
-from .checkpoint import TrainingProgress, resolve_resume, save_checkpoint
+from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from .config import FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts
 from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
@@ -353,12 +352,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
 
     # --- resume
-    if is_main:
-        for stale in output_dir.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(stale)
-    resume_dir = resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    resume_dir = resume_training_state(accelerator, cfg.resume_from_checkpoint, output_dir)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
         if ema is not None:
             ema.to(device)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, progress.global_step, progress.epoch, progress.batches_in_epoch)
