@@ -82,7 +82,7 @@ def build_data(root: Path, train_triplets: int, val_triplets: int = 32) -> tuple
     import pandas as pd
 
     from reward.synthetic_triplets import make_synthetic_triplets
-    from reward.triplet_data import read_triplets
+    from reward.triplets import read_triplets
 
     prompts = 72
     per_prompt = math.ceil(train_triplets / (prompts // 2))

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from .triplet_data import TRIPLET_COLUMNS, TRIPLETS_FILENAME
+from .triplets import TRIPLET_COLUMNS, TRIPLETS_FILENAME
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (230, 200, 40), "purple": (140, 60, 170), "orange": (235, 130, 30)}
 BACKGROUNDS = {"grey": (110, 110, 110), "dark": (30, 30, 40), "teal": (30, 110, 110), "brown": (100, 70, 40)}

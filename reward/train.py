@@ -68,14 +68,13 @@ from .scoring import _yield_cpu_to_forward
 from .train_config import TrainRewardConfig
 from .train_outputs import REWARD_WEIGHTS, ablation_table, save_reward_weights, write_model_card, write_summary
 from .trainable import apply_preset, describe_trainable
+from .triplets import read_triplets, triplets_file
 from .triplet_data import (
     SKIP_UNREADABLE,
     SkipCounter,
     TripletDataset,
     collate_triplets,
     prompt_weights,
-    read_triplets,
-    triplets_file,
     usable_triplets,
     warn_on_prompts_in_several_splits,
 )

@@ -28,44 +28,11 @@ from .scoring import _open_image
 
 logger = logging.getLogger(__name__)
 
-TRIPLET_COLUMNS = ("triplet_id", "prompt_id", "prompt", "pos_image_id", "pos_path", "neg_image_id", "neg_path", "split")
-TRIPLETS_FILENAME = "triplets.parquet"
 
 SKIP_BLANK_PROMPT = "blank prompt"
 SKIP_SAME_IMAGE = "positive and negative are the same image"
 SKIP_MISSING_FILE = "missing image file"
 SKIP_UNREADABLE = "unreadable image"
-
-
-def triplets_file(path: str | Path) -> Path:
-    """``path`` itself, or ``path/triplets.parquet`` when ``path`` is a folder (curate's output_dir)."""
-    path = Path(path)
-    return path / TRIPLETS_FILENAME if path.is_dir() else path
-
-
-def read_triplets(path: str | Path, split: str | None = None) -> pd.DataFrame:
-    """The triplet table with absolute ``pos_path`` / ``neg_path``; only ``split``'s rows if given.
-
-    A missing file or column is a one-line :class:`UserError`; an empty result is not an error here."""
-    file = triplets_file(path)
-    if not file.is_file():
-        raise UserError(f"triplets: {file} not found (expected the triplets.parquet written by sr-finetune curate)")
-    try:
-        table = pd.read_parquet(file)
-    except Exception as exc:
-        raise UserError(f"triplets: {file} is not a readable parquet file ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in TRIPLET_COLUMNS if c not in table.columns]
-    if missing:
-        raise UserError(f"triplets: {file} lacks column(s) {missing}; a triplet table has {list(TRIPLET_COLUMNS)}")
-    repeated = table["triplet_id"][table["triplet_id"].duplicated()]
-    if len(repeated):
-        raise UserError(f"triplets: {file}: triplet_id {repeated.iloc[0]} appears more than once ({len(repeated)} repeats); ids must be unique")
-    root = file.parent
-    for column in ("pos_path", "neg_path"):
-        table[column] = [p if p is None or Path(p).is_absolute() else str(root / p) for p in table[column]]
-    if split is not None:
-        table = table[table["split"] == split]
-    return table.reset_index(drop=True)
 
 
 @dataclass
@@ -200,12 +167,9 @@ __all__ = [
     "SKIP_SAME_IMAGE",
     "SKIP_UNREADABLE",
     "SkipCounter",
-    "TRIPLET_COLUMNS",
     "TripletDataset",
     "collate_triplets",
     "prompt_weights",
-    "read_triplets",
-    "triplets_file",
     "usable_triplets",
     "warn_on_prompts_in_several_splits",
 ]

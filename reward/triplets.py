@@ -17,13 +17,14 @@ from sr_finetune.errors import UserError
 
 TRIPLET_COLUMNS = ["triplet_id", "prompt_id", "prompt", "pos_image_id", "pos_path", "neg_image_id", "neg_path", "split"]
 SPLITS = ("train", "val", "test")
+TRIPLETS_FILENAME = "triplets.parquet"
 
 
 def triplets_file(source: str | os.PathLike) -> Path:
     """``triplets.parquet`` itself, or the one inside a curation output folder."""
     path = Path(source)
     if path.is_dir():
-        path = path / "triplets.parquet"
+        path = path / TRIPLETS_FILENAME
     if not path.is_file():
         raise UserError(f"triplets not found: {path} (a triplets.parquet or a `curate` output folder)")
     return path
@@ -39,6 +40,9 @@ def read_triplets(source: str | os.PathLike, split: str | None = None) -> pd.Dat
     missing = [c for c in TRIPLET_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(map(str, table.columns))})")
+    repeated = table["triplet_id"][table["triplet_id"].duplicated()]
+    if len(repeated):
+        raise UserError(f"{path}: triplet_id {repeated.iloc[0]} appears more than once ({len(repeated)} repeats); ids must be unique")
     if split not in (None, "all"):
         if split not in SPLITS:
             raise UserError(f"unknown split '{split}' (expected one of {', '.join(SPLITS)} or all)")

@@ -142,7 +142,7 @@ def test_sr_finetune_score_gives_the_validation_scores_of_the_saved_weights(trai
 
 
 def read_val_images(out: Path) -> pd.DataFrame:
-    from reward.triplet_data import read_triplets
+    from reward.triplets import read_triplets
 
     config = load_config(TrainRewardConfig, out / "config.yaml")
     rows = read_triplets(config.triplets, "val")
@@ -276,7 +276,7 @@ def test_bad_settings_are_one_line_config_errors(override, message):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda t: t.drop(columns=["neg_path", "split"]), r"lacks column\(s\) \['neg_path', 'split'\]"),
+        (lambda t: t.drop(columns=["neg_path", "split"]), r"missing column\(s\) neg_path, split"),
         (lambda t: t.assign(triplet_id=t.triplet_id.clip(upper=5)), r"triplet_id 5 appears more than once \(18 repeats\)"),
         (lambda t: t[t.split != "val"], r"has no rows in split 'val' \(rows per split: train 12, test 6\)"),
         (lambda t: t.assign(prompt=" "), r"no usable triplets in split 'train' .* \(all 12 skipped: 12 blank prompt"),
