@@ -74,6 +74,21 @@ def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
     return picked + [p for p in files if p not in picked][: limit - len(picked)]
 
 
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; each in-process run builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset accelerate's singletons after the test (use with ``pytest.mark.usefixtures``)."""
+    yield
+    reset_accelerate_state()
+
+
 def load_tiny_reward(settings: dict, name: str):
     """Scorer ``name`` from the ``{"weights", "options"}`` settings ``reward.tiny`` returns."""
     from reward import load_reward

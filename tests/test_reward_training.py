@@ -19,18 +19,12 @@ from reward.synthetic_triplets import make_synthetic_triplets
 from reward.train_config import TrainRewardConfig
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError, UserError
+from conftest import reset_accelerate_state
 
 WEIGHTS = "social_reward.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +78,11 @@ def settings(triplets: Path, base_model: Path, out: Path, **overrides) -> TrainR
 @pytest.fixture(scope="module")
 def trained(cue_set, tiny_clip, tmp_path_factory):
     """One uninterrupted run: 2 epochs of 3 batches (21 train triplets pass the up-front checks; batch 7)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from reward.train import run_train_reward
 
     out = tmp_path_factory.mktemp("trained") / "reward"
     summary = run_train_reward(settings(cue_set, tiny_clip, out))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return summary, out
 
 
@@ -152,8 +143,6 @@ def read_val_images(out: Path) -> pd.DataFrame:
 
 
 def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(trained, cue_set, tiny_clip, tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
     import reward.train as train_module
 
     straight_summary, straight = trained
@@ -170,8 +159,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_wei
     with pytest.raises(KeyboardInterrupt):
         train_module.run_train_reward(settings(cue_set, tiny_clip, out))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     calls.clear()
     resumed = train_module.run_train_reward(settings(cue_set, tiny_clip, out, resume_from_checkpoint="latest"))
 

@@ -17,22 +17,12 @@ from sr_finetune.errors import ConfigError, MissingDependencyError, UserError
 from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
 from sr_finetune.training import trainer as trainer_module
 from sr_finetune.training.losses import min_snr_weights, snr
+from conftest import reset_accelerate_state
 
 NEG = "t@y quality"
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; accelerate keeps process-wide singletons between them."""
-    yield
-    reset_accelerate_state()
-
-
-def reset_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_cfg(model: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
