@@ -55,7 +55,7 @@ import torch
 
 from sr_finetune.config import to_yaml
 from sr_finetune.distributed import warn_if_single_cpu_launch
-from sr_finetune.errors import UserError
+from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.training.checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from sr_finetune.training.data import EpochSampler
 from sr_finetune.training.trainer import checked_loss, fused_adamw_available, use_cpu
@@ -238,6 +238,8 @@ def run_train_reward(cfg: TrainRewardConfig) -> RewardTrainingSummary | Ablation
     """Train a Social Reward model on ``cfg.triplets`` (or, with ``ablation``, one per loss)."""
     from accelerate.utils import set_seed
 
+    if not cfg.triplets:  # checked here, not in validate(): an unused section may leave it unset
+        raise ConfigError("config error: train_reward.triplets: required: the triplets.parquet written by sr-finetune curate")
     file = triplets_file(cfg.triplets)
     read_triplets(file)  # a missing file or column fails here, before any model loads
     warn_if_single_cpu_launch()

@@ -60,7 +60,6 @@ class TrainRewardConfig:
     ablation_losses: List[str] = field(default_factory=lambda: list(LOSSES))
 
     def validate(self) -> None:
-        require(bool(self.triplets), "triplets", "required: the triplets.parquet written by sr-finetune curate")
         for key in ("batch_size", "num_epochs", "eval_batch_size", "temperature", "learning_rate", "adam_epsilon"):
             require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         for key in ("num_workers", "checkpointing_steps", "margin", "weight_decay"):

@@ -247,7 +247,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_clip):
     [
         ("loss=hinge", "train_reward.loss: must be one of"),
         ("trainable=top", "train_reward.trainable: must be one of"),
-        ("triplets=null", "train_reward.triplets: required"),
         ("ablation_losses=[triplet,focal]", "train_reward.ablation_losses: must name some of"),
         ("test_split=val", "train_reward.val_split: train, val and test splits must differ"),
         ("ablation=true resume_from_checkpoint=runs/reward/checkpoint-4", "train_reward.resume_from_checkpoint: with ablation=true use 'latest'"),
@@ -258,6 +257,17 @@ def test_bad_settings_are_one_line_config_errors(override, message):
 
     with pytest.raises(ConfigError, match=message) as err:
         load_config(ExperimentConfig, None, ["triplets=t.parquet", *override.split()], section="train_reward")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_run_without_triplets_is_a_one_line_config_error_before_any_model_loads(tiny_clip, tmp_path, monkeypatch):
+    import reward.train as train_module
+
+    monkeypatch.setattr(train_module, "load_clip_for_training", lambda *a: pytest.fail("a model was loaded"))
+    cfg = settings(tmp_path / "t.parquet", tiny_clip, tmp_path / "out")
+    cfg.triplets = None
+    with pytest.raises(ConfigError, match="train_reward.triplets: required") as err:
+        train_module.run_train_reward(cfg)
     assert len(str(err.value).splitlines()) == 1
 
 
