@@ -166,14 +166,14 @@ def compare(root: Path, args, triplets: Path, reference_train: Path, weights: Pa
     for r in range(args.repeats):  # interleaved, so a busy spell does not hit one trainer or one length only
         for n in (n1, n2):
             seconds, peak = run_ours(root, f"ours-{n}-{r}", triplets, weights, n, args.workers)
-            ours[n] = min(ours.get(n, (seconds, peak)), (seconds, peak))
+            ours[n] = min(ours.get(n, (seconds, peak, r)), (seconds, peak, r))
             if args.reference:
                 seconds, peak = run_reference(root, f"reference-{n}-{r}", checkout, stand_in, reference_files[n], weights)
                 theirs[n] = min(theirs.get(n, (seconds, peak)), (seconds, peak))
     rate = steady_rate((n1, n2), (ours[n1][0], ours[n2][0]))
-    in_run = json.loads((root / f"ours-{n2}-{args.repeats - 1}" / "training_summary.json").read_text())
+    in_run = json.loads((root / f"ours-{n2}-{ours[n2][2]}" / "training_summary.json").read_text())
     print(f"ours: {rate:.2f} steps/s steady state (runs of {n1} / {n2} steps took {ours[n1][0]:.2f} / {ours[n2][0]:.2f} s); peak memory {ours[n2][1]:.0f} MiB")
-    print(f"ours, in-run check: {in_run['steps_run'] / in_run['seconds']:.2f} steps/s over the {n2}-step run's training loop (validation included)")
+    print(f"ours, in-run check: {in_run['steps_run'] / in_run['seconds']:.2f} steps/s over the training loop of that {n2}-step run")
     if args.reference:
         reference_rate = steady_rate((n1, n2), (theirs[n1][0], theirs[n2][0]))
         print(f"reference train_pair_pos_neg.py: {reference_rate:.2f} steps/s steady state (runs of {n1} / {n2} steps took {theirs[n1][0]:.2f} / {theirs[n2][0]:.2f} s); peak memory {theirs[n2][1]:.0f} MiB")
@@ -259,8 +259,8 @@ def main() -> None:
         print(f"CPU: {os.cpu_count()} cores, {f'{args.threads} torch thread(s) per run' if args.threads else 'torch default threads'}; load average at start {os.getloadavg()[0]:.2f} (other processes on the CPU slow every figure)")
         if not args.skip_tiny:
             weights = make_tiny_openai_clip(root / "clip.pt", seed=0, config=bench_clip_config())
-            triplets, reference_train = build_data(root, args.steps[1] * BATCH)
-            print(f"tiny CLIP (widths {bench_clip_config()['vision_width']}/{bench_clip_config()['text_width']}, 24 visual + 12 text blocks), 224 px, batch {BATCH}, {args.steps[1] * BATCH} train triplets of {IMAGE_SIZE} px PNGs, our workers {args.workers}")
+            triplets, reference_train = build_data(root, (args.steps[1] + 1) * BATCH)  # one batch more: no run ends an epoch (no validation inside the loop)
+            print(f"tiny CLIP (widths {bench_clip_config()['vision_width']}/{bench_clip_config()['text_width']}, 24 visual + 12 text blocks), 224 px, batch {BATCH}, {(args.steps[1] + 1) * BATCH} train triplets of {IMAGE_SIZE} px PNGs, our workers {args.workers}")
             compare(root, args, triplets, reference_train, weights)
         if args.real_size:
             real_size(root, args.real_batch)
