@@ -176,7 +176,7 @@ def test_loss_ablation_prints_a_table_of_val_and_test_accuracy_per_loss(small_se
     from sr_finetune.cli import main
 
     caplog.set_level(logging.INFO, logger="sr_finetune")
-    args = ["train-reward", f"triplets={small_set}", f"base_model={small_clip}", f"output_dir={tmp_path / 'runs'}", "ablation=true", "max_train_steps=2",
+    args = ["train-reward", f"triplets={small_set}", f"base_model={small_clip}", f"output_dir={tmp_path / 'runs'}", "ablation=true", "max_train_steps=1",
             "batch_size=3", "learning_rate=1e-3", "num_workers=0", "checkpointing_steps=0", "device=cpu"]
     assert main(args) == 0
     table = (tmp_path / "runs" / "ablation.md").read_text().splitlines()
