@@ -4,6 +4,8 @@ pipeline, test images in every PIL mode and openai/CLIP's reference transform.""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,17 @@ def real_image_files(shared_data: Path, limit: int = 24) -> list[Path]:
         by_format.setdefault(path.suffix.lower(), []).append(path)
     picked = [path for group in zip(*by_format.values()) for path in group][:limit]  # round robin over formats
     return picked + [p for p in files if p not in picked][: limit - len(picked)]
+
+
+def launch_two_cpu_processes(args: list[str], port: int, **env: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of two gloo processes on the CPU (``args``: the script or ``-m module``
+    and its arguments), run from the repository root; returns the finished process."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *args,
+    ]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=300, cwd=REPO)
 
 
 def reset_accelerate_state() -> None:

@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -130,18 +128,17 @@ def test_cli_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, override
 
 
 def test_two_processes_write_two_parts_with_each_image_once(tiny_sd, prompt_file, tmp_path):
-    from conftest import REPO
+    from conftest import REPO, launch_two_cpu_processes
 
     out = tmp_path / "gen"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(REPO / "recipes" / "generate.py"),
-        f"model={tiny_sd}", f"prompts={prompt_file}", f"output_dir={out}",
-        "images_per_prompt=2", "steps=2", "height=32", "width=32", "prompts_per_shard=2", "device=cpu",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = launch_two_cpu_processes(
+        [
+            str(REPO / "recipes" / "generate.py"),
+            f"model={tiny_sd}", f"prompts={prompt_file}", f"output_dir={out}",
+            "images_per_prompt=2", "steps=2", "height=32", "width=32", "prompts_per_shard=2", "device=cpu",
+        ],
+        port=29517,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     parts = sorted((out / "manifest").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from reward.synthetic_triplets import make_synthetic_triplets
 from reward.train_config import TrainRewardConfig
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError, UserError
-from conftest import reset_accelerate_state
+from conftest import launch_two_cpu_processes, reset_accelerate_state
 
 WEIGHTS = "social_reward.safetensors"
 
@@ -198,12 +195,7 @@ def test_two_cpu_processes_train_one_model(small_set, small_clip, tmp_path):
         f"train_reward:\n  triplets: {small_set}\n  base_model: {small_clip}\n  output_dir: {out}\n  batch_size: 2\n  max_train_steps: 2\n"
         "  num_workers: 1\n  checkpointing_steps: 1\n  learning_rate: 0.001\n"
     )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523", "recipes/train_reward.py", "--config", str(config), "device=cpu",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    result = launch_two_cpu_processes(["recipes/train_reward.py", "--config", str(config), "device=cpu"], port=29523, PYTHONPATH=str(REPO))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x batch 2" in result.stderr
     report = json.loads((out / "training_summary.json").read_text())

@@ -153,21 +153,18 @@ def test_a_table_without_a_complete_row_is_a_one_line_error(tiny_scorers, tmp_pa
 
 
 def test_two_processes_score_every_image_once(tiny_scorers, sid_table, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from conftest import REPO, launch_two_cpu_processes
 
     weights, _ = tiny_scorers
     out = tmp_path / "scores"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
-        str(REPO / "recipes" / "score.py"),
-        f"image_table={sid_table}", "metrics=[hpsv2]", f"weights={{hpsv2: '{weights['hpsv2']}'}}", "options={hpsv2: {model_config: tiny}}",
-        f"output_dir={out}", "rows_per_part=3", "batch_size=2", "num_workers=0", "device=cpu",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), timeout=300)
+    result = launch_two_cpu_processes(
+        [
+            str(REPO / "recipes" / "score.py"),
+            f"image_table={sid_table}", "metrics=[hpsv2]", f"weights={{hpsv2: '{weights['hpsv2']}'}}", "options={hpsv2: {model_config: tiny}}",
+            f"output_dir={out}", "rows_per_part=3", "batch_size=2", "num_workers=0", "device=cpu",
+        ],
+        port=29518,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     parts = [pd.read_parquet(p) for p in sorted((out / "scores").glob("part-*.parquet"))]
     assert len(parts) == 4

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from sr_finetune.errors import ConfigError, MissingDependencyError, UserError
 from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
 from sr_finetune.training import trainer as trainer_module
 from sr_finetune.training.losses import min_snr_weights, snr
-from conftest import reset_accelerate_state
+from conftest import launch_two_cpu_processes, reset_accelerate_state
 
 NEG = "t@y quality"
 
@@ -226,21 +224,13 @@ def test_lora_run_saves_a_merged_pipeline(tiny_sd, finetune_set, tmp_path):
 
 
 def test_two_processes_train_one_model(tiny_sd, finetune_set, tmp_path):
-    from conftest import REPO
-
     out = tmp_path / "ft"
     config = tmp_path / "finetune.yaml"
     config.write_text(
         f"model: {tiny_sd}\ndataset: {finetune_set}\noutput_dir: {out}\nresolution: 32\ntrain_batch_size: 2\n"
         "max_train_steps: 2\ndataloader_num_workers: 0\nreport_to: none\ncheckpointing_steps: 1\nuse_ema: true\n"
     )
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-        "-m", "sr_finetune.training", "--config", str(config),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    result = launch_two_cpu_processes(["-m", "sr_finetune.training", "--config", str(config)], port=29519)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x batch 2" in result.stderr
     assert sorted(p.name.split("-", 2)[2] for p in (out / "cache").glob("encoded-*.arrow")) == ["00000-of-00002.arrow", "00001-of-00002.arrow"]
