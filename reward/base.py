@@ -70,6 +70,18 @@ class RewardModel(torch.nn.Module, abc.ABC):
         return self.score(pixels, text).float().cpu()
 
 
+class PromptFreeReward(RewardModel):
+    """A scorer of the image alone: the prompt becomes an empty [N, 0] token tensor (one shared
+    key), which keeps the batching uniform."""
+
+    @property
+    def tokenize_key(self) -> str:
+        return "empty"
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return torch.zeros(len(prompts), 0, dtype=torch.long)
+
+
 def to_device(inputs: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """Move a tensor or a dict of tensors to ``device``; floating tensors also to ``dtype`` if given."""
     if isinstance(inputs, dict):

@@ -39,7 +39,7 @@ from PIL import Image
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device
 
-from .base import RewardModel, encode_distinct_rows, register_reward
+from .base import PromptFreeReward, RewardModel, encode_distinct_rows, register_reward
 from .openai_clip import OpenAICLIPBackbone, download_openai_vit_l_14, load_openai_clip_backbone, resolve_weights_file
 from .preprocess import open_clip_tokens_key, openai_clip_key, openai_clip_transform
 
@@ -131,7 +131,7 @@ def l2_normalize_keep_zero(x: torch.Tensor) -> torch.Tensor:
     return x / torch.where(norm == 0, torch.ones_like(norm), norm)
 
 
-class CLIPImageReward(RewardModel):
+class CLIPImageReward(PromptFreeReward):
     """Base of the scores of the CLIP image embedding alone (``aesthetic``, ``social_aesthetic``):
     openai/CLIP's transform, and no prompt (empty tokens)."""
 
@@ -144,16 +144,8 @@ class CLIPImageReward(RewardModel):
     def preprocess_key(self) -> str:
         return openai_clip_key(self.backbone.image_size)
 
-    @property
-    def tokenize_key(self) -> str:
-        return "empty"
-
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """The score ignores the prompt: an empty [N, 0] tensor keeps the batching uniform."""
-        return torch.zeros(len(prompts), 0, dtype=torch.long)
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""

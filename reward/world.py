@@ -25,7 +25,7 @@ from sr_finetune.world.pixels import FIDELITY_ATTRIBUTES, read_image
 from sr_finetune.world.scenes import COLOURS, COUNTS, SHAPES, SIZES, TEXTURES, Prompt, parse_caption
 from sr_finetune.world.taste import taste_of_reading
 
-from .base import RewardModel, register_reward
+from .base import PromptFreeReward, RewardModel, register_reward
 
 # Caption attributes as integer codes (one row per prompt; -1 = not a world caption).
 _CODES = {"count": list(COUNTS), "size": list(SIZES), "colour": list(COLOURS), "shape": list(SHAPES), "background": list(COLOURS), "texture": list(TEXTURES)}
@@ -66,15 +66,8 @@ class PixelScorer(RewardModel):
         return [Image.fromarray(a) for a in array]
 
 
-class WorldJudge(PixelScorer):
+class WorldJudge(PixelScorer, PromptFreeReward):
     name = "world_judge"
-
-    @property
-    def tokenize_key(self) -> str:
-        return "empty"
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return torch.zeros(len(prompts), 0, dtype=torch.long)
 
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor | None = None) -> torch.Tensor:
         return torch.tensor([taste_of_reading(read_image(im)) for im in self.images(pixel_values)], dtype=torch.float32)
