@@ -2,8 +2,8 @@
 
 * ``world_judge``: the world's hidden taste (:func:`sr_finetune.world.taste.taste`, in [0, 1]),
   what the simulated community rewards; the prompt is ignored.
-* ``world_fidelity``: 1.0 when the image shows the count, size class, colour, shape and
-  background its world caption names (:func:`sr_finetune.world.pixels.fidelity`), else 0.0;
+* ``world_fidelity``: 1.0 when the image shows the count, colour and shape of the subject its
+  world caption names (:func:`sr_finetune.world.pixels.fidelity`), else 0.0;
   NaN for a prompt that is not a world caption.
 
 Both are registered ``eval_only``: the pair builder and training refuse them as a reward, so an

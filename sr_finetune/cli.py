@@ -8,6 +8,7 @@
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
     sr-finetune world community | train-base | train-clip | fidelity | pack | materialize ...
+    sr-finetune demo [--config FILE] [--out DIR] [--quick] [--arms sft,swapped] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -166,6 +167,15 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    overrides = list(args.overrides) + ([f"demo.out_dir={args.out}"] if args.out else [])
+    summary = run_demo(args.config, overrides, quick=args.quick, arms=args.arms.split(",") if args.arms else None)
+    print(summary.read_text(), end="")
+    return 0
+
+
 def _stages_in_file(path: str) -> list[str]:
     """The stages whose section the config file has, in flow order."""
     from omegaconf import OmegaConf
@@ -255,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     run_all.add_argument("--stages", help=f"comma-separated, in flow order ({','.join(c for c, *_ in STAGES)}); default: those with a section in the config")
     run_all.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. generate.steps=20")
     run_all.set_defaults(func=_run_stages)
+
+    demo = sub.add_parser("demo", help="the whole loop in the demo world: community -> Social Reward -> pairs -> fine-tune -> report (resumable)")
+    demo.add_argument("--config", help="default: recipes/configs/demo.yaml")
+    demo.add_argument("--out", help="output folder (demo.out_dir; default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes (the config's demo.quick overrides)")
+    demo.add_argument("--arms", help="comma-separated arm presets to fine-tune and compare (default: demo.arms, i.e. sft)")
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. finetune.max_train_steps=100")
+    demo.set_defaults(func=_run_demo)
 
     push = sub.add_parser("push", help="upload a finished folder (pipeline or reward checkpoint) to the hub, optionally with an evaluation on its card")
     push.add_argument("dir", help="a folder written by sr-finetune with a README.md card (e.g. runs/finetune)")

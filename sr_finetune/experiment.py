@@ -18,6 +18,7 @@ from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
 from reward.train_config import TrainRewardConfig
 
+from .demo import DemoConfig
 from .generation import GenerateConfig
 from .pairs import PairsConfig
 from .training.config import FinetuneConfig
@@ -38,3 +39,4 @@ class ExperimentConfig:
     prompt_analysis: PromptAnalysisConfig = field(default_factory=PromptAnalysisConfig)
     validate_scorer: ValidateScorerConfig = field(default_factory=ValidateScorerConfig)
     social_aesthetic: AestheticTrainConfig = field(default_factory=AestheticTrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)

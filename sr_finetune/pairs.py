@@ -76,6 +76,9 @@ class PairsConfig:
     rejected_format: str = "{token} {prompt}"
     include_rejected: bool = True
     keep_pairs: bool = False  # also write output_dir/pairs: one chosen/rejected pair per prompt
+    # Ablation: the worst image of a prompt becomes "chosen" and the best "rejected" (a sanity
+    # check of the whole loop: a model tuned on swapped pairs should move against the reward).
+    swap_chosen_rejected: bool = False
     min_images_per_prompt: int = 2
     # HPS v1 confidence filter (None = off; HPS v1 used 2): keep the best image only if its
     # softmax(scores / T) probability within its prompt is > k/N, the worst only if its
@@ -239,7 +242,16 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
         }
     )
     per_prompt["prompt_id"] = per_prompt["prompt_id"].astype(str)
+    if cfg.swap_chosen_rejected:
+        per_prompt = per_prompt.rename(columns=_swapped_role)
     return per_prompt, skipped
+
+
+def _swapped_role(column: str) -> str:
+    for old, new in (("chosen_", "rejected_"), ("rejected_", "chosen_")):
+        if column.startswith(old):
+            return new + column[len(old):]
+    return column
 
 
 def _long_rows(per_prompt: pd.DataFrame, role: str, cfg: PairsConfig) -> pd.DataFrame:
@@ -497,6 +509,8 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
     if not cfg.scores:
         raise ConfigError("config error: pairs.scores is required (a scores parquet or folder written by `score`)")
     start = time.perf_counter()
+    if cfg.swap_chosen_rejected:
+        logger.warning("build-pairs: swap_chosen_rejected=true (ablation): each prompt's worst image is chosen, its best rejected")
     manifest = read_generations(cfg.generations)
     scores = read_scores_table(cfg.scores, cfg.reward_column)
     per_prompt, skipped = best_and_worst(manifest, scores, cfg, sources=(str(Path(cfg.generations) / "manifest.parquet"), str(cfg.scores)))

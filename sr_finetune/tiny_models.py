@@ -50,7 +50,9 @@ class TinySDSpec:
     sample_size: int = 32
     prediction_type: str = "epsilon"
     norm_num_groups: int = 32
-    cross_attention_in_every_block: bool = False  # default: none in the lowest-resolution block, as SD
+    # Which resolution level has no attention: "lowest" as SD, "highest" (attention only where
+    # the feature map is small: cheaper on a CPU), or "none" (cross-attention in every block).
+    plain_block: str = "lowest"
     extra: dict = field(default_factory=dict)
 
 
@@ -58,7 +60,12 @@ def build_unet(spec: TinySDSpec):
     from diffusers import UNet2DConditionModel
 
     n = len(spec.unet_channels)
-    plain = 0 if spec.cross_attention_in_every_block else 1
+    if spec.plain_block not in ("lowest", "highest", "none"):
+        raise ValueError(f"plain_block must be lowest, highest or none (got {spec.plain_block!r})")
+    plain = 0 if spec.plain_block == "none" else 1
+    attn = ("CrossAttnDownBlock2D",) * (n - plain)
+    down = ("DownBlock2D",) * plain + attn if spec.plain_block == "highest" else attn + ("DownBlock2D",) * plain
+    up = tuple("CrossAttnUpBlock2D" if b.startswith("CrossAttn") else "UpBlock2D" for b in reversed(down))
     vae_factor = 2 ** (len(spec.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=spec.sample_size // vae_factor,
@@ -66,8 +73,8 @@ def build_unet(spec: TinySDSpec):
         out_channels=4,
         block_out_channels=tuple(spec.unet_channels),
         layers_per_block=spec.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - plain) + ("DownBlock2D",) * plain,
-        up_block_types=("UpBlock2D",) * plain + ("CrossAttnUpBlock2D",) * (n - plain),
+        down_block_types=down,
+        up_block_types=up,
         attention_head_dim=tuple(spec.unet_head_dims),
         cross_attention_dim=spec.text_hidden_size,
         use_linear_projection=True,

@@ -2,8 +2,8 @@
 
 Each held-out prompt is generated with its own seeded generator; the pixel reader
 (:mod:`sr_finetune.world.pixels`) says which attributes the image shows. The report gives, per
-attribute, the share of images that show the caption's value, the share showing all five
-fidelity attributes, and the chance level of each (a uniform guess among the world's values).
+attribute, the share of images that show the caption's value, the share showing all three
+fidelity attributes (count, colour, shape), and the chance level of each (a uniform guess among the world's values).
 """
 
 from __future__ import annotations

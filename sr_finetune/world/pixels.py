@@ -29,7 +29,7 @@ SQUARE_FILL, CIRCLE_FILL = 0.9, 0.66  # fill >= 0.9: square; >= 0.66: circle; el
 SIZE_SPLIT = (SIZE_RANGES["small"][1] + SIZE_RANGES["large"][0]) / 2  # extent threshold, px at 32 px
 MAX_CONTRAST = float(np.sqrt(3) * 255)
 ATTRIBUTES = ("count", "size", "colour", "shape", "background", "texture")
-FIDELITY_ATTRIBUTES = ("count", "size", "colour", "shape", "background")  # what world_fidelity requires
+FIDELITY_ATTRIBUTES = ("count", "colour", "shape")  # what world_fidelity requires: the subject the caption names
 
 
 @dataclass
@@ -112,7 +112,7 @@ def read_image(image: Image.Image) -> Reading:
 
 
 def fidelity(image: Image.Image, prompt: Prompt | str) -> float:
-    """1.0 when the pixels show the caption's count, size, colour, shape and background, else 0.0."""
+    """1.0 when the pixels show the caption's count, colour and shape (its subject), else 0.0."""
     matches = read_image(image).matches(prompt)
     return float(all(matches[name] for name in FIDELITY_ATTRIBUTES))
 

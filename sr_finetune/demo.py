@@ -1,0 +1,189 @@
+"""``sr-finetune demo``: the whole Social Reward loop as an experiment in the demo world.
+
+The world's simulated community leaves engagement logs; ``curate`` turns them into triplets,
+``train-reward`` fine-tunes the world CLIP into a Social Reward model, ``accuracy`` compares it
+with the untrained CLIP and the world's judge, ``generate`` samples a pool from the world's base
+model, ``score`` ranks it, ``build-pairs`` + ``finetune`` run once per *arm* (the paper's recipe,
+or a variant such as swapped pairs), and ``evaluate`` compares every arm with the base model on
+held-out prompts with the judge, Social Reward and prompt fidelity. Every stage is the library's
+own, run on its section of ``recipes/configs/demo.yaml``; this module only writes the world's
+inputs, wires the paths and keeps track of finished stages (command layer: stages import lazily).
+
+A stage that finished with the same resolved settings is skipped on a rerun; the one that was
+interrupted resumes through its own mechanism (shards, checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import load_config, to_yaml
+from .errors import ConfigError
+from .world.community import CommunityConfig
+
+logger = logging.getLogger("sr_finetune")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
+STATE_FILE = "demo_state.json"
+
+
+@dataclass
+class DemoConfig:
+    """The demo's own settings (``demo:``); the stages' sizes are in their own sections."""
+
+    out_dir: str = "runs/demo"
+    community: CommunityConfig = field(default_factory=CommunityConfig)
+    pool_prompts: Optional[int] = 400  # train-split prompts the base model samples the pool for (None: all 2,391)
+    eval_prompts: Optional[int] = 100  # held-out (test-split) prompts of the comparison (None: all 292)
+    regularization_images: int = 1000  # captioned true renders, the LAION share of the paper
+    arms: list[str] = field(default_factory=lambda: ["sft"])  # which arm_presets to fine-tune and evaluate
+    arm_presets: dict[str, list[str]] = field(default_factory=lambda: {"sft": []})  # name -> pairs./finetune. overrides
+    without_negative_token: bool = True  # also evaluate each arm without the negative prompt at inference
+    quick: list[str] = field(default_factory=list)  # overrides that --quick applies (smaller sizes)
+    seed: int = 0
+
+    def validate(self) -> None:
+        missing = [a for a in self.arms if a not in self.arm_presets]
+        if not self.arms or missing:
+            raise ConfigError(f"config error: demo.arms {self.arms} must name arm_presets ({', '.join(self.arm_presets)})")
+        for name, overrides in self.arm_presets.items():
+            bad = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("pairs", "finetune") or "=" not in o]
+            if bad:
+                raise ConfigError(f"config error: demo.arm_presets.{name}: {bad[0]!r} is not a pairs.KEY=VALUE or finetune.KEY=VALUE override")
+        for key in ("pool_prompts", "eval_prompts"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"config error: demo.{key} must be positive or null (got {getattr(self, key)})")
+        if self.regularization_images < 0:
+            raise ConfigError(f"config error: demo.regularization_images must be >= 0 (got {self.regularization_images})")
+        self.community.validate()
+
+
+class DemoState:
+    """``demo_state.json``: the stages that finished and a fingerprint of the settings they ran with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def finished(self, key: str, fingerprint: str) -> bool:
+        return self.done.get(key) == fingerprint
+
+    def mark(self, key: str, fingerprint: str) -> None:
+        self.done[key] = fingerprint
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _stage_runners() -> dict[str, tuple[str, object]]:
+    from .cli import STAGES
+
+    return {command: (section, run) for command, section, run, _ in STAGES}
+
+
+def _fingerprint(section_cfg: object) -> str:
+    return hashlib.sha256(to_yaml(section_cfg).encode()).hexdigest()[:16]
+
+
+class Demo:
+    """Loads the demo config (with ``--quick`` sizes and the user's overrides) and runs its stages."""
+
+    def __init__(self, config: str | os.PathLike | None, overrides: Sequence[str] = (), quick: bool = False, arms: Sequence[str] | None = None):
+        from .experiment import ExperimentConfig
+
+        unprefixed = [o for o in overrides if "." not in o.partition("=")[0]]
+        if unprefixed:
+            raise ConfigError(f"demo: overrides need their section, e.g. demo.out_dir=... or finetune.max_train_steps=... (got {unprefixed[0]!r})")
+        self.config_path = Path(config) if config else DEFAULT_CONFIG
+        if not self.config_path.is_file():
+            raise ConfigError(f"config error: demo config not found: {self.config_path} (pass --config recipes/configs/demo.yaml from the repository)")
+        self.overrides = list(overrides) + ([f"demo.arms=[{','.join(arms)}]"] if arms else [])
+        cfg = load_config(ExperimentConfig, self.config_path, self.overrides, section="demo")
+        if quick:  # the quick sizes first, so that the user's overrides still win
+            self.overrides = list(cfg.demo.quick) + self.overrides
+            cfg = load_config(ExperimentConfig, self.config_path, self.overrides, section="demo")
+        self.cfg = cfg.demo
+        self.out = Path(self.cfg.out_dir)
+        self.runners = _stage_runners()
+        self.state: DemoState | None = None
+
+    # -- the world's inputs ------------------------------------------------------------------
+    def write_world(self) -> None:
+        """Shipped weights, community logs, prompt lists and the regularisation set (each once)."""
+        from reward.world_clip import materialize_world_clip
+
+        from .world.assets import ASSETS_DIR, materialize_pipeline
+        from .world.community import simulate_community
+        from .world.files import write_prompt_file, write_regularization_set
+
+        world = self.out / "world"
+        if not (world / "model" / "model_index.json").is_file():
+            materialize_pipeline(world / "model")
+        if not (world / "world_clip.safetensors").is_file():
+            materialize_world_clip(world / "world_clip.safetensors", ASSETS_DIR)
+        if not (world / "community" / "community.json").is_file():  # written last by the simulator
+            simulate_community(world / "community", self.cfg.community)
+        write_prompt_file(world / "prompts" / "pool.txt", "train", self.cfg.pool_prompts, self.cfg.seed)
+        write_prompt_file(world / "prompts" / "held_out.txt", "test", self.cfg.eval_prompts, self.cfg.seed)
+        write_regularization_set(world / "regularization", self.cfg.regularization_images, seed=self.cfg.seed)
+
+    # -- stages ------------------------------------------------------------------------------
+    def run_stage(self, command: str, extra: Sequence[str] = (), key: str | None = None) -> None:
+        """Run one library stage on its section (with ``extra`` overrides), unless it already finished."""
+        from .experiment import ExperimentConfig
+
+        section, run = self.runners[command]
+        key = key or command
+        cfg = getattr(load_config(ExperimentConfig, self.config_path, [*self.overrides, *extra], section=section), section)
+        fingerprint = _fingerprint(cfg)
+        if self.state.finished(key, fingerprint):
+            logger.info("demo: %s finished earlier, skipped", key)
+            return
+        logger.info("demo: %s", key)
+        logger.info(run(cfg).line())
+        self.state.mark(key, fingerprint)
+
+    def arm_overrides(self, arm: str) -> list[str]:
+        root = self.out / "arms" / arm
+        return [f"pairs.output_dir={root / 'pairs'}", f"finetune.output_dir={root / 'finetune'}", *self.cfg.arm_presets[arm]]
+
+    def evaluate_overrides(self) -> list[str]:
+        """Each arm as a fine-tuned model (with the negative prompt, and without it when asked)."""
+        entries = []
+        for arm in self.cfg.arms:
+            path = self.out / "arms" / arm / "finetune"
+            entries.append(f"evaluate.finetuned.{arm}.path={path}")
+            if self.cfg.without_negative_token:
+                entries += [f"evaluate.finetuned.{arm}-no-neg.path={path}", f"evaluate.finetuned.{arm}-no-neg.negative_prompt=null"]
+        return entries
+
+    def run(self) -> Path:
+        """Every stage in order; returns the summary file."""
+        from .demo_summary import write_summary
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.state = DemoState(self.out / STATE_FILE)
+        logger.info("demo: writing the world's inputs to %s", self.out / "world")
+        self.write_world()
+        for command in ("curate", "train-reward", "accuracy", "generate", "score"):
+            self.run_stage(command)
+        for arm in self.cfg.arms:
+            extra = self.arm_overrides(arm)
+            self.run_stage("build-pairs", extra, key=f"build-pairs:{arm}")
+            self.run_stage("finetune", extra, key=f"finetune:{arm}")
+        self.run_stage("evaluate", self.evaluate_overrides())
+        return write_summary(self)
+
+
+def run_demo(config: str | os.PathLike | None = None, overrides: Sequence[str] = (), quick: bool = False, arms: Sequence[str] | None = None) -> Path:
+    """Run (or resume) the demo; returns the path of its summary."""
+    return Demo(config, overrides, quick=quick, arms=arms).run()
+
+
+__all__ = ["DEFAULT_CONFIG", "Demo", "DemoConfig", "run_demo"]

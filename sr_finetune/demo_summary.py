@@ -1,0 +1,93 @@
+"""The demo's summary: the numbers that say whether the loop worked, read from the stages' own
+results (``accuracy/accuracy.json``, ``eval/results.json``) and checked against the targets.
+
+Targets (the demo world's acceptance): the fine-tuned model beats the base on the judge in at
+least 65% of same-seed image pairs with the CI's lower bound above 50%, has a higher mean Social
+Reward, and keeps prompt fidelity within 5 points; Social Reward's held-out pairwise accuracy is
+at least 80% and above the untrained CLIP's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
+UNTRAINED = "clip"
+TARGETS = {"judge_win_rate": 0.65, "judge_ci_low": 0.5, "fidelity_drop_points": 5.0, "reward_accuracy": 0.80}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def accuracy_rows(path: Path) -> dict[str, dict]:
+    """metric -> its row of ``accuracy.json`` (accuracy with ties as half, CI)."""
+    return {row["metric"]: row for row in json.loads(path.read_text())["metrics"]}
+
+
+def model_rows(results: dict) -> dict[str, dict]:
+    """Per fine-tuned model: judge win-rate (image unit) with CI, and the three means vs the base."""
+    base = results["baseline"]
+    means = {(m["model"], m["metric"]): m for m in results["means"]}
+    rows = {}
+    for name in results["models"]:
+        if name == base:
+            continue
+        win = next(w for w in results["win_rates"] if w["model"] == name and w["metric"] == JUDGE and w["unit"] == "image")
+        row = {"judge_win_rate": win["win_rate"], "judge_ci_low": win["ci_low"], "judge_ci_high": win["ci_high"], "judge_tie_rate": win["tie_rate"], "pairs": win["n"]}
+        for metric in (JUDGE, REWARD, FIDELITY):
+            row[f"{metric}_base"] = means[(base, metric)]["mean"]
+            row[metric] = means[(name, metric)]["mean"]
+        row["fidelity_change_points"] = 100 * (row[FIDELITY] - row[f"{FIDELITY}_base"])
+        rows[name] = row
+    return rows
+
+
+def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
+    """(description, passed) for each target, for one fine-tuned model."""
+    reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
+    return [
+        (f"judge win-rate {_pct(model['judge_win_rate'])} >= {_pct(TARGETS['judge_win_rate'])}", model["judge_win_rate"] >= TARGETS["judge_win_rate"]),
+        (f"judge win-rate CI low {_pct(model['judge_ci_low'])} > {_pct(TARGETS['judge_ci_low'])}", model["judge_ci_low"] > TARGETS["judge_ci_low"]),
+        (f"mean Social Reward {model[REWARD]:.3f} > base {model[REWARD + '_base']:.3f}", model[REWARD] > model[REWARD + "_base"]),
+        (f"prompt fidelity {_pct(model[FIDELITY])} vs base {_pct(model[FIDELITY + '_base'])} (within {TARGETS['fidelity_drop_points']:.0f} points)", model["fidelity_change_points"] >= -TARGETS["fidelity_drop_points"]),
+        (f"Social Reward pairwise accuracy {_pct(reward)} >= {_pct(TARGETS['reward_accuracy'])} and above the untrained CLIP's {_pct(untrained)}", reward >= TARGETS["reward_accuracy"] and reward > untrained),
+    ]
+
+
+def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str]) -> str:
+    lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
+             "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
+    labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
+    for metric, row in accuracy.items():
+        lines.append(f"| {labels.get(metric, metric)} | {_pct(row['accuracy'])} | {_pct(row['ci_low'])} – {_pct(row['ci_high'])} |")
+    lines += ["", "## Fine-tuned vs base on held-out prompts (same seeds)", "",
+              "| model | judge win-rate | 95% CI | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name, r in models.items():
+        lines.append(
+            f"| {name} | {_pct(r['judge_win_rate'])} | {_pct(r['judge_ci_low'])} – {_pct(r['judge_ci_high'])} | {r[JUDGE]:.3f} ({r[JUDGE + '_base']:.3f}) "
+            f"| {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |"
+        )
+    lines += ["", "`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
+    for arm in arms:
+        if arm in models:
+            lines += [f"## Targets ({arm})", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(models[arm], accuracy)] + [""]
+    return "\n".join(lines)
+
+
+def write_summary(demo) -> Path:
+    """``summary.md`` and ``demo.json`` in the demo's folder, from its stages' results."""
+    out = demo.out
+    accuracy = accuracy_rows(out / "accuracy" / "accuracy.json")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    models = model_rows(results)
+    arms = list(demo.cfg.arms)
+    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}}
+    (out / "demo.json").write_text(json.dumps(data, indent=2))
+    path = out / "summary.md"
+    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms))
+    return path
+
+
+__all__ = ["TARGETS", "accuracy_rows", "checks", "model_rows", "summary_markdown", "write_summary"]
