@@ -56,6 +56,7 @@ import torch
 from sr_finetune.config import to_yaml
 from sr_finetune.distributed import warn_if_single_cpu_launch
 from sr_finetune.errors import ConfigError, UserError
+from sr_finetune.progress import progress as progress_bar
 from sr_finetune.training.checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from sr_finetune.training.data import EpochSampler
 from sr_finetune.training.trainer import checked_loss, fused_adamw_available, use_cpu
@@ -267,8 +268,6 @@ def run_train_reward(cfg: TrainRewardConfig) -> RewardTrainingSummary | Ablation
 
 def train_reward_model(cfg: TrainRewardConfig, accelerator, state: RunState) -> RewardTrainingSummary:
     """One training run with ``accelerator`` (on which ``state`` is registered for checkpointing)."""
-    from tqdm.auto import tqdm
-
     output_dir = Path(cfg.output_dir)
     file = triplets_file(cfg.triplets)
     table = read_triplets(file)
@@ -348,7 +347,7 @@ def train_reward_model(cfg: TrainRewardConfig, accelerator, state: RunState) -> 
     start_epoch, skip = progress.epoch, progress.batches_in_epoch
     if skip >= len(loader):
         start_epoch, skip = start_epoch + 1, 0
-    bar = tqdm(total=max_train_steps, initial=progress.global_step, desc=f"train-reward ({cfg.loss})", unit="step", disable=not accelerator.is_local_main_process)
+    bar = progress_bar(total=max_train_steps, initial=progress.global_step, desc=f"train-reward ({cfg.loss})", unit="step", disable=not accelerator.is_local_main_process)
     start = time.perf_counter()
     for epoch in range(start_epoch, num_epochs):
         if progress.global_step >= max_train_steps:

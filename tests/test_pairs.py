@@ -70,6 +70,16 @@ def test_ties_are_broken_by_image_id_and_chosen_differs_from_rejected():
     assert got == {("a", "chosen"): "a_1", ("a", "rejected"): "a_4", ("flat", "chosen"): "flat_0", ("flat", "rejected"): "flat_2"}
 
 
+def test_swap_chosen_rejected_trains_the_worst_image_as_chosen_and_tags_the_best():
+    manifest, scores = manifest_and_scores({"a": [0.5, 2.0, -1.0, 1.0], "b": [3.0, 4.0]})
+    pairs, _ = select_pairs(manifest, scores, PairsConfig(swap_chosen_rejected=True), check_files=False)
+    got = {(r.prompt_id, r.role): (r.image_id, r.score, r.text) for r in pairs.itertuples()}
+    assert got == {
+        ("a", "chosen"): ("a_2", -1.0, "a photo of a"), ("a", "rejected"): ("a_1", 2.0, "t@y quality a photo of a"),
+        ("b", "chosen"): ("b_0", 3.0, "a photo of b"), ("b", "rejected"): ("b_1", 4.0, "t@y quality a photo of b"),
+    }  # fmt: skip
+
+
 def test_rejected_text_carries_the_negative_token_in_the_configured_format():
     manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
     pairs, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)

@@ -82,6 +82,12 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     activity /= activity.sum()
     influencers = set(rng.choice(users, cfg.influencers, replace=False).tolist())
 
+    cdf = np.cumsum(activity)
+    cdf[-1] = 1.0
+
+    def draw_users(n: int) -> np.ndarray:  # by activity (inverse CDF: one search per draw)
+        return users[np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(users) - 1)]
+
     images, remixes, truth = [], [], []
     extra_p = 1 / (cfg.mean_posts_per_prompt - 1)
     for prompt in progress(chosen, desc="community", unit="prompt"):
@@ -92,7 +98,7 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
             picture = render(scene, cfg.image_size)
             path = f"images/{image_id}.png"
             picture.save(out / path)
-            poster = str(rng.choice(users, p=activity))
+            poster = str(draw_users(1)[0])
             posted_at = START + pd.Timedelta(seconds=float(rng.uniform(0, cfg.days * 86400)))
             exposure = float(rng.lognormal(0.0, cfg.exposure_sigma)) * (cfg.influencer_boost if poster in influencers else 1.0)
             views = max(1, int(round(cfg.median_views * exposure)))
@@ -100,20 +106,21 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
             p = float(remix_probability(value, cfg))
             before_first = int(rng.geometric(p)) - 1  # views before the first remix
             count = 0 if before_first >= views else 1 + int(rng.binomial(views - before_first - 1, p))
-            # views arrive over a few days; remixes happen at views, in order
-            span = float(rng.exponential(2.0)) * 86400 + 3600
-            times = np.sort(rng.uniform(0, span, size=count))
-            for t in times:
-                remixer = poster
-                while remixer == poster:
-                    remixer = str(rng.choice(users, p=activity))
-                remixes.append({"image_id": image_id, "remixer_user_id": remixer, "at": posted_at + pd.Timedelta(seconds=float(t))})
+            if count:  # views arrive over a few days; remixes happen at views, in order, by others
+                span = float(rng.exponential(2.0)) * 86400 + 3600
+                times = np.sort(rng.uniform(0, span, size=count))
+                remixers = draw_users(count)
+                for j in np.flatnonzero(remixers == poster):
+                    while remixers[j] == poster:
+                        remixers[j] = draw_users(1)[0]
+                remixes.append(pd.DataFrame({"image_id": image_id, "remixer_user_id": remixers, "at": posted_at + pd.to_timedelta(times, unit="s")}))
             images.append({"image_id": image_id, "prompt": prompt.text, "path": path, "user_id": poster, "posted_at": posted_at, "views_before_first_remix": min(before_first, views)})
             truth.append({"image_id": image_id, "taste": value, "remix_probability": p, "exposure": exposure, "views": views, "remixes": count})
 
     paths = {"images": out / "images.parquet", "remixes": out / "remixes.parquet", "influencers": out / "influencers.txt", "truth": out / "truth.parquet"}
     atomic_write_parquet(pd.DataFrame(images), paths["images"])
-    atomic_write_parquet(pd.DataFrame(remixes, columns=["image_id", "remixer_user_id", "at"]), paths["remixes"])
+    columns = ["image_id", "remixer_user_id", "at"]
+    atomic_write_parquet(pd.concat(remixes, ignore_index=True) if remixes else pd.DataFrame(columns=columns), paths["remixes"])
     paths["influencers"].write_text("".join(f"{u}\n" for u in sorted(influencers)))
     atomic_write_parquet(pd.DataFrame(truth), paths["truth"])
     (out / "community.json").write_text(json.dumps(asdict(cfg), indent=2))

@@ -1,0 +1,78 @@
+"""The demo: its world inputs, config checks, summary arithmetic, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sr_finetune.cli import main
+from sr_finetune.demo import Demo, DemoConfig
+from sr_finetune.demo_summary import checks, model_rows
+from sr_finetune.errors import ConfigError
+from sr_finetune.world.files import sample_prompts, write_prompt_file, write_regularization_set
+from sr_finetune.world.pixels import fidelity
+from sr_finetune.world.scenes import prompt_split, split_prompts
+
+from PIL import Image
+
+
+def test_prompt_files_are_a_seeded_spread_of_one_split_and_kept_on_rerun(tmp_path):
+    path = write_prompt_file(tmp_path / "p.txt", "test", limit=40, seed=3)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 40 and len(set(lines)) == 40
+    assert {prompt_split(t) for t in lines} == {"test"}
+    assert lines == [p.text for p in sample_prompts("test", 40, 3)]
+    assert lines != [p.text for p in split_prompts("test")[:40]]  # a spread, not the split's first rows
+    assert {t.split()[0] for t in lines} == {"a", "two", "three"}
+    path.write_text("kept\n")
+    assert write_prompt_file(path, "test", limit=40, seed=3).read_text() == "kept\n"
+    assert len(write_prompt_file(tmp_path / "all.txt", "val").read_text().splitlines()) == len(split_prompts("val"))
+
+
+def test_regularization_set_holds_true_renders_of_train_captions(tmp_path):
+    out = write_regularization_set(tmp_path / "reg", 12, seed=1)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    for row in rows:
+        assert prompt_split(row["caption"]) == "train"
+        assert fidelity(Image.open(out / row["file_name"]), row["caption"]) == 1.0
+
+
+def test_demo_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"demo.arms \['dpo'\] must name arm_presets"):
+        DemoConfig(arms=["dpo"]).validate()
+    with pytest.raises(ConfigError, match=r"demo.arm_presets.x: 'generate.steps=3' is not a pairs.KEY=VALUE"):
+        DemoConfig(arm_presets={"sft": [], "x": ["generate.steps=3"]}).validate()
+    with pytest.raises(ConfigError, match="overrides need their section"):
+        Demo(None, ["out_dir=x"])
+    with pytest.raises(ConfigError, match="demo config not found"):
+        Demo(tmp_path / "none.yaml")
+
+
+def test_quick_sizes_apply_first_and_user_overrides_win(tmp_path):
+    demo = Demo(None, [f"demo.out_dir={tmp_path}", "demo.pool_prompts=7"], quick=True, arms=["sft", "swapped"])
+    assert demo.cfg.pool_prompts == 7 and demo.cfg.eval_prompts == 40 and demo.cfg.arms == ["sft", "swapped"]
+    assert demo.arm_overrides("swapped")[-1] == "pairs.swap_chosen_rejected=true"
+    entries = demo.evaluate_overrides()
+    assert f"evaluate.finetuned.swapped-no-neg.path={tmp_path / 'arms' / 'swapped' / 'finetune'}" in entries
+    assert "evaluate.finetuned.sft-no-neg.negative_prompt=null" in entries
+
+
+def _results(judge_win: float, ci_low: float, reward: tuple[float, float], fid: tuple[float, float]) -> dict:
+    means = []
+    for model, idx in (("base", 0), ("sft", 1)):
+        means += [{"model": model, "metric": "world_judge", "mean": 0.5}, {"model": model, "metric": "social_reward", "mean": reward[idx]}, {"model": model, "metric": "world_fidelity", "mean": fid[idx]}]
+    wins = [{"model": "sft", "metric": "world_judge", "unit": "image", "win_rate": judge_win, "ci_low": ci_low, "ci_high": 0.9, "tie_rate": 0.0, "n": 400},
+            {"model": "sft", "metric": "world_judge", "unit": "prompt", "win_rate": 0.1, "ci_low": 0.0, "ci_high": 0.2, "tie_rate": 0.0, "n": 100}]  # fmt: skip
+    return {"baseline": "base", "models": {"base": {}, "sft": {}}, "means": means, "win_rates": wins}
+
+
+def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
+    accuracy = {"social_reward": {"accuracy": 0.85}, "clip": {"accuracy": 0.6}}
+    row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
+    assert row["judge_win_rate"] == 0.7 and row["pairs"] == 400  # the image unit, not the prompt unit
+    assert row["fidelity_change_points"] == pytest.approx(-4.0)
+    assert [ok for _, ok in checks(row, accuracy)] == [True, True, True, True, True]
+    row = model_rows(_results(0.6, 0.49, (1.0, 0.9), (0.30, 0.24)))["sft"]
+    assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.75}})] == [False, False, False, False, False]
