@@ -21,7 +21,7 @@ from sr_finetune.pairs import PairsConfig, build_pairs
 from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
 from sr_finetune.training import trainer as trainer_module
 from sr_finetune.training.losses import diffusion_dpo_loss
-from conftest import reset_accelerate_state
+from conftest import launch_two_cpu_processes, reset_accelerate_state
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -107,6 +107,63 @@ def test_model_equal_to_reference_gives_log_2_and_no_pair_right():
     assert terms.reward_accuracy.item() == 0.0 and terms.reward_margin.item() == 0.0
 
 
+# ---- one training step -------------------------------------------------------------------------
+
+
+class RecordingUNet(torch.nn.Module):
+    """Predicts ``scale * noisy latents`` and records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.9))
+        self.calls = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, noisy, timesteps, states):
+        from types import SimpleNamespace
+
+        self.calls.append((noisy.detach().clone(), timesteps.clone(), states.detach().clone()))
+        return SimpleNamespace(sample=noisy * self.scale)
+
+
+def test_dpo_step_noises_both_images_of_a_pair_alike_in_one_unet_forward():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sr_finetune.training.reference import Reference
+
+    g = torch.Generator().manual_seed(0)
+    n, shape = 3, (4, 2, 2)
+    image = torch.randn(n, *shape, generator=g)  # chosen and rejected latents alike: only the noise can tell them apart
+    part = lambda mean, embeds: {"latent_mean": mean, "latent_logvar": torch.full_like(mean, -40.0), "prompt_embeds": embeds}  # noqa: E731
+    prompts = torch.randn(n, 5, 8, generator=g)
+    batch = {
+        "chosen": part(image, prompts), "rejected": part(image.clone(), torch.randn(n, 5, 8, generator=g)),  # rejected texts are not used
+        "regularization": part(torch.randn(n, *shape, generator=g), torch.randn(n, 5, 8, generator=g)), "prompt_id": ["a", "b", "c"],
+    }
+    unet, ref_unet = RecordingUNet(), RecordingUNet()
+    cfg = FinetuneConfig(objective="dpo", dpo_sft_weight=0.5, train_text_encoder=False, noise_offset=0.1)
+    loss, metrics = trainer_module.compute_dpo_loss(
+        batch, unet=unet, text_encoder=None, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)), noise_scheduler=DDPMScheduler(),
+        prediction_type="epsilon", cfg=cfg, generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32, unet_dtype=torch.float32,
+        reference=Reference(ref_unet),
+    )
+    ((noisy, t, states),) = unet.calls
+    ((ref_noisy, ref_t, ref_states),) = ref_unet.calls
+    assert len(noisy) == 3 * n and torch.equal(t[:n], t[n : 2 * n]) and torch.allclose(noisy[:n], noisy[n : 2 * n], atol=1e-6)
+    assert torch.equal(states[:n], prompts) and torch.equal(states[n : 2 * n], prompts) and torch.equal(states[2 * n :], batch["regularization"]["prompt_embeds"])
+    assert torch.equal(ref_noisy, noisy[: 2 * n]) and torch.equal(ref_t, t[: 2 * n]) and torch.equal(ref_states, states[: 2 * n])
+    # equal images noised alike: model and reference see no difference between w and l
+    assert abs(metrics["reward_margin"].item()) < 1e-3 and metrics["reward_accuracy"].item() in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * metrics["sft_loss"].item(), rel=1e-4)
+    loss.backward()
+    assert unet.scale.grad is not None and ref_unet.scale.grad is None
+
+
 # ---- the trainer -------------------------------------------------------------------------------
 
 
@@ -151,16 +208,28 @@ def unet_weights(folder: Path) -> dict:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def text_encoder_weights(folder: Path) -> dict:
+    return load_file(folder / "text_encoder" / "model.safetensors")
+
+
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, dpo_set, tmp_path):
+def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, dpo_set, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    references = []
+
+    class CapturedReference(trainer_module.Reference):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            references.append(self)
+
+    monkeypatch.setattr(trainer_module, "Reference", CapturedReference)
     out = tmp_path / "ft"
     summary = run_finetune(dpo_cfg(tiny_sd, dpo_set, out, report_to="tensorboard", dpo_sft_weight=0.5))
 
@@ -179,7 +248,12 @@ def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, d
     first = {tag: events.Scalars(tag)[0].value for tag in ("loss", "dpo/reward_margin", "dpo/sft_loss")}
     assert abs(first["dpo/reward_margin"]) < 1e-3
     assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["dpo/sft_loss"], rel=1e-4)
-    assert not torch.equal(unet_weights(out)["conv_in.weight"], unet_weights(tiny_sd)["conv_in.weight"])
+    # after training, the reference still holds the starting UNet and text encoder, in eval mode
+    (reference,) = references
+    for module, base, trained in ((reference.unet, unet_weights(tiny_sd), unet_weights(out)), (reference.text_encoder, text_encoder_weights(tiny_sd), text_encoder_weights(out))):
+        state = module.state_dict()
+        assert not module.training and all(torch.equal(state[k], v) for k, v in base.items())
+        assert any(not torch.equal(trained[k], v) for k, v in base.items())
     card = (out / "README.md").read_text()
     assert "Diffusion-DPO" in card and "| pairs | 4 |" in card and "| dpo_beta | 500.0 |" in card
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
@@ -299,3 +373,20 @@ def test_bad_dpo_settings_are_one_line_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         load_config(FinetuneConfig, None, override.split())
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_two_processes_train_dpo_with_lora(tiny_sd, dpo_set, tmp_path):
+    out = tmp_path / "ft"
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        f"model: {tiny_sd}\ndataset: {dpo_set}\noutput_dir: {out}\nresolution: 32\ntrain_batch_size: 1\nmax_train_steps: 2\n"
+        "dataloader_num_workers: 0\nreport_to: none\ncheckpointing_steps: 1\nuse_ema: true\nobjective: dpo\ndpo_sft_weight: 0.5\n"
+        "lora:\n  rank: 4\nunet_lr: 0.01\n"
+    )
+    result = launch_two_cpu_processes(["-m", "sr_finetune.training", "--config", str(config)], port=29531)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 pairs + regularization" in result.stderr and "2 processes x batch 1" in result.stderr and "objective dpo" in result.stderr
+    assert "reward accuracy" in result.stderr and "reward margin" in result.stderr
+    assert (out / "checkpoint-2" / "random_states_1.pkl").exists()
+    trained, base = unet_weights(out), unet_weights(tiny_sd)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
