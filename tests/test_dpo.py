@@ -354,6 +354,19 @@ def test_reference_with_adapters_off_predicts_as_the_base_unet(tiny_sd):
     assert tuned.training and all(p.requires_grad for n, p in tuned.named_parameters() if "lora_" in n)
 
 
+def test_regularization_rows_anywhere_in_the_set_are_taken_in_order_as_plain_slices():
+    from datasets import Dataset
+
+    from sr_finetune.training.pair_data import rows_with_role
+
+    roles = ["regularization", "chosen", "regularization", "regularization", "rejected", "regularization"]
+    table = Dataset.from_dict({"role": roles, "text": [f"row {i}" for i in range(len(roles))]})
+    rows = rows_with_role(table, "regularization")
+    assert rows["text"] == ["row 0", "row 2", "row 3", "row 5"]
+    assert rows._indices is None  # no indices mapping: the latent cache would write a flattened copy of it
+    assert rows_with_role(table, "other") is None
+
+
 def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, finetune_set, tmp_path):
     with pytest.raises(UserError, match=r"objective=dpo needs the pair table .*pairs, which does not exist; .*pairs.keep_pairs=true") as err:
         run_finetune(dpo_cfg(tiny_sd, finetune_set, tmp_path / "ft"))
