@@ -80,16 +80,6 @@ def run_timed(cmd: list[str], log: Path, threads: int | None) -> tuple[float, fl
     return seconds, usage.ru_maxrss / 1024
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs=2, default=[10, 40], metavar=("N1", "N2"))
@@ -104,6 +94,8 @@ def main() -> None:
         return child(json.loads(args.child))
     if not 0 < args.steps[0] < args.steps[1]:
         sys.exit("bench_dpo: --steps needs 0 < N1 < N2")
+
+    from bench_score import cpu_model  # benchmarks/ is on sys.path when this script runs
 
     from sr_finetune.tiny_models import make_tiny_sd_pipeline
 

@@ -22,6 +22,7 @@ from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
 from sr_finetune.training import trainer as trainer_module
 from sr_finetune.training.losses import diffusion_dpo_loss
 from conftest import launch_two_cpu_processes, reset_accelerate_state
+from test_trainer import assert_same, text_encoder_weights, tiny_cfg, unet_weights
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -194,28 +195,20 @@ def dpo_set(tmp_path_factory) -> Path:
 
 
 def dpo_cfg(model: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
-    settings = dict(
-        model=str(model), dataset=str(data), output_dir=str(out), resolution=32, train_batch_size=2, max_train_steps=2, objective="dpo", dpo_beta=500.0,
-        unet_lr=1e-3, text_encoder_lr=1e-3, dataloader_num_workers=0, report_to="none", checkpointing_steps=0, seed=0,
-    )
-    settings.update(overrides)
-    cfg = FinetuneConfig(**settings)
-    cfg.validate()
-    return cfg
+    """The trainer tests' tiny settings with objective=dpo (beta 500: a visible margin in two steps)."""
+    return tiny_cfg(model, data, out, **{"objective": "dpo", "dpo_beta": 500.0, **overrides})
 
 
-def unet_weights(folder: Path) -> dict:
-    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+def record_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that each call's first argument is recorded; returns the record."""
+    calls, real = [], getattr(owner, name)
 
+    def recording(first, *args, **kwargs):
+        calls.append(first)
+        return real(first, *args, **kwargs)
 
-def text_encoder_weights(folder: Path) -> dict:
-    return load_file(folder / "text_encoder" / "model.safetensors")
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    monkeypatch.setattr(owner, name, recording)
+    return calls
 
 
 def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, dpo_set, tmp_path, monkeypatch):
@@ -276,14 +269,7 @@ def test_dpo_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_sd, 
     stopped.mkdir()
     shutil.copytree(straight / "checkpoint-1", stopped / "checkpoint-1")
 
-    batches_run = []
-    real = trainer_module.compute_dpo_loss
-
-    def counting(batch, **kwargs):
-        batches_run.append(list(batch["prompt_id"]))
-        return real(batch, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "compute_dpo_loss", counting)
+    batches_run = record_calls(monkeypatch, trainer_module, "compute_dpo_loss")
     reset_accelerate_state()
     resumed = run_finetune(dpo_cfg(tiny_sd, dpo_set, stopped, max_train_steps=3, resume_from_checkpoint="latest", **common))
 
@@ -299,22 +285,8 @@ def test_dpo_with_lora_uses_the_unet_with_adapters_off_as_reference(tiny_sd, dpo
 
     from sr_finetune.training import reference as reference_module
 
-    disabled = []
-    real = reference_module.adapters_disabled
-
-    def spy(unet):
-        disabled.append(unet)
-        return real(unet)
-
-    monkeypatch.setattr(reference_module, "adapters_disabled", spy)
-    copies = []
-    real_copy = trainer_module.frozen_copy
-
-    def counting_copy(module, *args):
-        copies.append(module)
-        return real_copy(module, *args)
-
-    monkeypatch.setattr(trainer_module, "frozen_copy", counting_copy)
+    disabled = record_calls(monkeypatch, reference_module, "adapters_disabled")
+    copies = record_calls(monkeypatch, trainer_module, "frozen_copy")
     out = tmp_path / "ft"
     summary = run_finetune(dpo_cfg(tiny_sd, dpo_set, out, lora=LoraSettings(rank=4), train_text_encoder=False, unet_lr=1e-2, max_train_steps=2))
 

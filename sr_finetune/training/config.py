@@ -52,8 +52,9 @@ class FinetuneConfig:
     # sft: the denoising loss on every row (Social Reward). dpo: Diffusion-DPO (Wallace et al. 2023)
     # on the pair table `dataset/pairs` (build-pairs with keep_pairs=true), against the starting model.
     objective: str = "sft"
-    # Diffusion-DPO's beta: 5000 is the paper's value for SD 1.5, the default of `--beta_dpo` in
-    # the authors' train.py and launchers/sd15.sh (github.com/SalesforceAIResearch/DiffusionDPO).
+    # Diffusion-DPO's beta: 5000, the default of `--beta_dpo` in the authors' train.py and the value
+    # of their SD 1.5 launcher, launchers/sd15.sh (github.com/SalesforceAIResearch/DiffusionDPO);
+    # it goes with the 1/2 and the per-element mean of losses.diffusion_dpo_loss.
     dpo_beta: float = 5000.0
     dpo_sft_weight: float = 0.0  # dpo: weight of an added denoising loss on the regularization rows (0 = off)
     # data

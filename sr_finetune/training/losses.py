@@ -74,14 +74,14 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
         inside     = -beta / 2 * (model_diff - ref_diff)
         loss       = mean over pairs of -log sigmoid(inside)
 
-    Eq. 14's constant T * omega(lambda_t) is folded into beta, and the factor 1/2 is the authors'
-    train.py's (``inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)``), which their beta of 5000
-    goes with. The loss is the mean of the per-pair losses, not -log sigmoid of the mean inside. ``inside`` is
-    the implicit reward margin of the pair: the model's reward r(w) - r(l) relative to the
-    reference, positive when the model denoises the chosen image better (relative to the
-    reference) than the rejected one. The reward accuracy is the share of pairs with inside > 0
-    (0 while the model equals the reference, where the loss is log 2); the reward margin is the
-    mean of inside over the pairs.
+    Eq. 14's constant T * omega(lambda_t) is folded into beta, and the factor 1/2 is that of the
+    authors' train.py (``inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)``), which their beta
+    of 5000 goes with. The loss is the mean of the per-pair losses, not -log sigmoid of the mean.
+
+    ``inside`` is the implicit reward margin of a pair, r(x_w) - r(x_l) of the model relative to the
+    reference: positive when the model, relative to the reference, denoises the chosen image better
+    than the rejected one. ``reward_accuracy`` is the share of pairs with inside > 0 (0 while the
+    model equals the reference, where the loss is log 2); ``reward_margin`` is the mean of inside.
     """
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
