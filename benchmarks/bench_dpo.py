@@ -132,8 +132,8 @@ def main() -> None:
             rates[name] = (rate, rate * setting["images"], max(m1, m2))
             print(f"{name}: {rate:.2f} steps/s, {rate * setting['images']:.1f} img/s steady state (runs of {n1} / {n2} steps: {t1:.2f} / {t2:.2f} s), peak RSS {max(m1, m2):.0f} MiB")
         dpo, same_batch, same_images = rates[f"dpo, batch {args.batch} pairs"], rates[f"sft, batch {args.batch} rows"], rates[f"sft, batch {2 * args.batch} rows"]
-        print(f"dpo / sft at batch {args.batch}: steps/s {dpo[0] / same_batch[0]:.2f}x, peak RSS {dpo[2] / same_batch[2]:.2f}x (+{dpo[2] - same_batch[2]:.0f} MiB)")
-        print(f"dpo / sft at the same images per step ({2 * args.batch}): steps/s {dpo[0] / same_images[0]:.2f}x, peak RSS {dpo[2] / same_images[2]:.2f}x (+{dpo[2] - same_images[2]:.0f} MiB)")
+        print(f"dpo / sft at batch {args.batch}: steps/s {dpo[0] / same_batch[0]:.2f}x, peak RSS {dpo[2] / same_batch[2]:.2f}x ({dpo[2] - same_batch[2]:+.0f} MiB)")
+        print(f"dpo / sft at the same images per step ({2 * args.batch}): steps/s {dpo[0] / same_images[0]:.2f}x, peak RSS {dpo[2] / same_images[2]:.2f}x ({dpo[2] - same_images[2]:+.0f} MiB)")
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
