@@ -16,6 +16,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REPORT_TO = ("tensorboard", "wandb", "none")
+OBJECTIVES = ("sft", "dpo")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -48,6 +49,14 @@ class FinetuneConfig:
     train_text_encoder: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
     prediction_type: Optional[str] = None  # None = the model's scheduler; set it to assert what you expect
+    # sft: the denoising loss on every row (Social Reward). dpo: Diffusion-DPO (Wallace et al. 2023)
+    # on the pair table `dataset/pairs` (build-pairs with keep_pairs=true), against the starting model.
+    objective: str = "sft"
+    # Diffusion-DPO's beta: 5000, the default of `--beta_dpo` in the authors' train.py and the value
+    # of their SD 1.5 launcher, launchers/sd15.sh (github.com/SalesforceAIResearch/DiffusionDPO);
+    # it goes with the 1/2 and the per-element mean of losses.diffusion_dpo_loss.
+    dpo_beta: float = 5000.0
+    dpo_sft_weight: float = 0.0  # dpo: weight of an added denoising loss on the regularization rows (0 = off)
     # data
     resolution: int = 512
     center_crop: bool = True
@@ -113,6 +122,10 @@ class FinetuneConfig:
         require(self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "prediction_type", f"must be one of {PREDICTION_TYPES}, got '{self.prediction_type}'")
         require(self.device in ("auto", "cpu"), "device", f"must be auto or cpu, got '{self.device}' (accelerate picks the GPU of each process)")
         require(self.report_to in REPORT_TO, "report_to", f"must be one of {REPORT_TO}, got '{self.report_to}'")
+        require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}, got '{self.objective}'")
+        require(self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}")
+        require(self.dpo_sft_weight >= 0, "dpo_sft_weight", f"must be >= 0 (0 turns the regularisation term off), got {self.dpo_sft_weight}")
+        require(self.objective != "dpo" or self.snr_gamma is None, "snr_gamma", "weights the sft loss; objective=dpo does not use it (set snr_gamma=null)")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be positive, got {self.snr_gamma}")
         require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "adam_beta1", f"betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")

@@ -141,10 +141,15 @@ class FinetuneDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
         """The examples of ``(epoch, row)`` keys, in order."""
+        return self.examples(keys)
+
+    def examples(self, keys: list[tuple[int, int]], augment_keys: list[tuple[int, int]] | None = None) -> list[dict]:
+        """The examples of ``(epoch, row)`` keys; ``augment_keys`` (default ``keys``) seed the flips and
+        crops, so rows given the same augment key (the two images of a pair) are augmented alike."""
         indices = [index for _, index in keys]
         rows = self.rest[indices]
         rows.update({name: self.arrays.take(name, indices) for name in self.arrays.names})
-        generators = [torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)) for epoch, index in keys]
+        generators = [torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index)) for epoch, index in (augment_keys or keys)]
         flips = [self.random_flip and bool(torch.rand(1, generator=g) < 0.5) for g in generators]
         columns = {}
         if "latent_mean" in rows:

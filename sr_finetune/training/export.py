@@ -89,11 +89,22 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm, "prediction_type": prediction_type, "snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
         "use_ema": cfg.use_ema, "ema_decay": cfg.ema_decay if cfg.use_ema else None, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
+        "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight} if cfg.objective == "dpo" else {}),
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     count_rows = "\n".join(f"| {role} | {n} |" for role, n in counts.items())
     token = cfg.negative_token
     rejected_format = (pairs_summary or {}).get("config", {}).get("rejected_format")
+    if cfg.objective == "dpo":
+        regularization = f", plus {cfg.dpo_sft_weight} x the denoising loss on a regularisation set" if cfg.dpo_sft_weight else ""
+        method = (f"by Diffusion-DPO (Wallace et al. 2023, beta {cfg.dpo_beta:g}) on one pair per prompt,\n"
+                  f"the best- against the worst-rated image, with the base model as reference{regularization}. Trained: {trained}.")
+        usage = 'image = pipe("a photo of a red fox in the snow").images[0]'
+    else:
+        method = (f"after *Social Reward* (Isajanyan et al., ICLR 2024):\nthe best-rated image of each prompt is trained on with its prompt as caption,\n"
+                  f"{rejected_sentence(token, rejected_format)},\nand a regularisation set keeps the model close to its base. Trained: {trained}.")
+        usage = f'image = pipe("a photo of a red fox in the snow", negative_prompt="{token}").images[0]'
+    use = "" if cfg.objective == "dpo" else "The negative token names what the model learned to avoid. Pass it as the negative prompt:\n\n"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -102,20 +113,15 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
 
 Base model: {base}.
 
-Fine-tuned with `sr-finetune` after *Social Reward* (Isajanyan et al., ICLR 2024):
-the best-rated image of each prompt is trained on with its prompt as caption,
-{rejected_sentence(token, rejected_format)},
-and a regularisation set keeps the model close to its base. Trained: {trained}.
+Fine-tuned with `sr-finetune` {method}
 
 ## Use
 
-The negative token names what the model learned to avoid. Pass it as the negative prompt:
-
-```python
+{use}```python
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}")
-image = pipe("a photo of a red fox in the snow", negative_prompt="{token}").images[0]
+{usage}
 ```
 
 ## Training data

@@ -1,6 +1,9 @@
-"""The denoising loss: targets per prediction type and min-SNR weighting (Hang et al., 2023)."""
+"""The training losses: the denoising loss (targets per prediction type, min-SNR weighting after
+Hang et al., 2023) and the Diffusion-DPO loss (Wallace et al., 2023)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +40,54 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
     raise ValueError(f"unsupported prediction type '{prediction_type}'")
 
 
+def per_sample_mse(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error in float32, averaged over every dimension but the first: one value per sample."""
+    return F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, model_pred.ndim)))
+
+
 def denoising_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in float32, averaged per sample, optionally weighted per sample, then over the batch."""
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, model_pred.ndim)))
+    per_sample = per_sample_mse(model_pred, target)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+@dataclass
+class DpoTerms:
+    """The Diffusion-DPO loss of a batch of pairs and what to monitor beside it."""
+
+    loss: torch.Tensor  # mean over pairs of -log sigmoid(inside)
+    reward_accuracy: torch.Tensor  # share of pairs with inside > 0
+    reward_margin: torch.Tensor  # mean over pairs of inside
+
+
+def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DpoTerms:
+    """Diffusion-DPO (Wallace et al. 2023, Eq. 14 with one timestep per pair) on ``[chosen; rejected]`` batches.
+
+    The first half of each tensor holds the chosen images x_w, the second half the rejected x_l of
+    the same pairs, noised with the same noise and timestep t. With per-sample errors
+    e(pred, x) = mean over latent dims of ||target - pred||^2 (target: eps, or v for v-prediction)::
+
+        model_diff = e(model, x_w) - e(model, x_l)
+        ref_diff   = e(ref, x_w)   - e(ref, x_l)
+        inside     = -beta / 2 * (model_diff - ref_diff)
+        loss       = mean over pairs of -log sigmoid(inside)
+
+    Eq. 14's constant T * omega(lambda_t) is folded into beta, and the factor 1/2 is that of the
+    authors' train.py (``inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)``), which their beta
+    of 5000 goes with. The loss is the mean of the per-pair losses, not -log sigmoid of the mean.
+
+    ``inside`` is the implicit reward margin of a pair, r(x_w) - r(x_l) of the model relative to the
+    reference: positive when the model, relative to the reference, denoises the chosen image better
+    than the rejected one. ``reward_accuracy`` is the share of pairs with inside > 0 (0 while the
+    model equals the reference, where the loss is log 2); ``reward_margin`` is the mean of inside.
+    """
+    model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
+    ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
+    inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
+    return DpoTerms(
+        loss=-F.logsigmoid(inside).mean(),
+        reward_accuracy=(inside > 0).float().mean().detach(),
+        reward_margin=inside.mean().detach(),
+    )

@@ -3,7 +3,12 @@
 Supported:
 - full fine-tune of the UNet and/or the text encoder (separate learning rates), or LoRA on the
   UNet attention projections (merged into the saved UNet); the VAE is always frozen;
-- epsilon and v_prediction models (read from the model's scheduler), min-SNR-gamma weighting,
+- two objectives (``objective``): ``sft``, the denoising loss on every row of the fine-tune set
+  (Social Reward), and ``dpo``, Diffusion-DPO (Wallace et al. 2023) on the pair table that
+  build-pairs writes with ``keep_pairs: true``, against the starting model as reference (a frozen
+  copy, or the UNet with its LoRA adapters off), optionally plus ``dpo_sft_weight`` times the
+  denoising loss on the regularisation rows; every option below works with both;
+- epsilon and v_prediction models (read from the model's scheduler), min-SNR-gamma weighting (sft),
   noise offset, EMA of the trained weights, gradient accumulation and clipping, AdamW (fused on
   CUDA and CPU) or 8-bit AdamW (bitsandbytes), fp16 / bf16 mixed precision, gradient checkpointing,
   SDPA / xformers / eager attention;
@@ -14,9 +19,10 @@ Supported:
   ends with the same weights as one that never stopped (same data order, augmentations, noise,
   optimizer, LR schedule, EMA and RNG states);
 - validation images every ``validation_steps`` (with EMA weights swapped in, the negative token
-  as negative prompt, the training text encoder reused) to ``validation/`` and the tracker.
+  as negative prompt for sft, the training text encoder reused) to ``validation/`` and the tracker.
 
-Refused (config errors): nothing to train; LoRA without ``train_unet``; ``cache_latents`` with
+Refused (config errors): nothing to train; LoRA without ``train_unet``; ``snr_gamma`` with ``dpo``;
+``dpo`` on a fine-tune set without its pair table; ``cache_latents`` with
 random crops; a ``prediction_type`` the model's scheduler does not have; ``push_to_hub`` without
 a well-formed ``hub_model_id``, without a hub token or with ``HF_HUB_OFFLINE`` set (checked before
 training). A push that fails after training is one error naming the saved folder and the
@@ -47,7 +53,9 @@ from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from .config import FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts
 from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
-from .losses import denoising_loss, min_snr_weights, snr, training_target
+from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
+from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
+from .reference import Reference, frozen_copy
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +75,16 @@ class FinetuneSummary:
     role_counts: dict = field(default_factory=dict)
     peak_memory_gb: float | None = None
     hub_url: str | None = None
+    metrics: dict = field(default_factory=dict)  # dpo: the last step's reward_accuracy, reward_margin (and sft_loss)
 
     def line(self) -> str:
         rate = self.images_seen / self.seconds if self.seconds > 0 else 0.0
         resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
         memory = f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb is not None else ""
+        metrics = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in self.metrics.items())
         return (
             f"finetune: step {self.global_step}/{self.max_train_steps} ({self.steps_run} this run{resumed}), "
-            f"{rate:.1f} img/s{memory}, final loss {self.final_loss:.4f} -> {self.output_dir}"
+            f"{rate:.1f} img/s{memory}, final loss {self.final_loss:.4f}{metrics} -> {self.output_dir}"
         )
 
 
@@ -190,24 +200,77 @@ def sample_latents(batch: dict, vae, generator: torch.Generator, weight_dtype: t
     return (latents - shift) * vae.config.scaling_factor
 
 
-def compute_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, prediction_type: str, cfg: FinetuneConfig, generator: torch.Generator, weight_dtype: torch.dtype, unet_dtype: torch.dtype) -> torch.Tensor:
-    """The denoising loss of one batch: noise the latents at random timesteps, predict, compare."""
-    latents = sample_latents(batch, vae, generator, weight_dtype)
+def draw_noise(latents: torch.Tensor, cfg: FinetuneConfig, noise_scheduler, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (with ``noise_offset``) and a random training timestep per latent."""
     bsz, channels = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((bsz, channels, 1, 1), generator=generator, device=latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device)
+    return noise, timesteps
+
+
+def encoder_states(batches: list[dict], text_encoder, train_text_encoder: bool) -> torch.Tensor:
+    """The text embeddings of the rows of ``batches``, in order: cached, or one text-encoder forward."""
+    if "prompt_embeds" in batches[0]:
+        return torch.cat([b["prompt_embeds"] for b in batches])
+    with torch.set_grad_enabled(train_text_encoder):
+        return text_encoder(torch.cat([b["input_ids"] for b in batches]))[0]
+
+
+def compute_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, prediction_type: str, cfg: FinetuneConfig, generator: torch.Generator, weight_dtype: torch.dtype, unet_dtype: torch.dtype) -> torch.Tensor:
+    """The denoising loss of one batch: noise the latents at random timesteps, predict, compare."""
+    latents = sample_latents(batch, vae, generator, weight_dtype)
+    noise, timesteps = draw_noise(latents, cfg, noise_scheduler, generator)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if "prompt_embeds" in batch:
-        encoder_hidden_states = batch["prompt_embeds"]
-    else:
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+    encoder_hidden_states = encoder_states([batch], text_encoder, cfg.train_text_encoder)
     model_pred = unet(noisy_latents.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
     target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
     weights = min_snr_weights(snr(noise_scheduler.alphas_cumprod, timesteps), cfg.snr_gamma, prediction_type) if cfg.snr_gamma else None
     return denoising_loss(model_pred, target, weights)
+
+
+def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, prediction_type: str, cfg: FinetuneConfig, generator: torch.Generator, weight_dtype: torch.dtype, unet_dtype: torch.dtype, reference: Reference) -> tuple[torch.Tensor, dict]:
+    """The Diffusion-DPO loss of a batch of pairs (+ ``dpo_sft_weight`` x the regularisation rows' denoising loss).
+
+    Both images of a pair get the same noise and timestep and the prompt's embedding; one UNet
+    forward runs on ``[chosen; rejected; regularization]``, the reference on ``[chosen; rejected]``.
+    Returns the loss and the detached monitors (reward accuracy, reward margin, sft loss).
+    """
+    chosen = sample_latents(batch["chosen"], vae, generator, weight_dtype)
+    rejected = sample_latents(batch["rejected"], vae, generator, weight_dtype)
+    noise, timesteps = draw_noise(chosen, cfg, noise_scheduler, generator)
+    latents, noise, timesteps = torch.cat([chosen, rejected]), noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    texts = [batch["chosen"]]
+    if "regularization" in batch:
+        reg_latents = sample_latents(batch["regularization"], vae, generator, weight_dtype)
+        reg_noise, reg_timesteps = draw_noise(reg_latents, cfg, noise_scheduler, generator)
+        latents, noise, timesteps = torch.cat([latents, reg_latents]), torch.cat([noise, reg_noise]), torch.cat([timesteps, reg_timesteps])
+        texts.append(batch["regularization"])
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    states = encoder_states(texts, text_encoder, cfg.train_text_encoder)
+    n = len(chosen)
+    prompts = states[:n]
+    model_pred = unet(noisy_latents.to(unet_dtype), timesteps, torch.cat([prompts, prompts, states[n:]]).to(unet_dtype)).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
+    ref_prompts = reference.text_states(batch["chosen"]["input_ids"]) if reference.text_encoder is not None else prompts.detach()
+    ref_pred = reference.prediction(noisy_latents[: 2 * n], timesteps[: 2 * n], torch.cat([ref_prompts, ref_prompts]))
+    terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta)
+    metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin}
+    loss = terms.loss
+    if "regularization" in batch:
+        sft_loss = denoising_loss(model_pred[2 * n :], target[2 * n :])
+        loss = loss + cfg.dpo_sft_weight * sft_loss
+        metrics["sft_loss"] = sft_loss.detach()
+    return loss, metrics
+
+
+def gathered_metrics(metrics: dict, accelerator) -> dict:
+    """Scalar monitors averaged over processes."""
+    if not metrics:
+        return {}
+    values = accelerator.gather(torch.stack([value.float() for value in metrics.values()])[None]).mean(dim=0)
+    return dict(zip(metrics, values.tolist()))
 
 
 def checked_loss(loss: torch.Tensor, accelerator, batch: dict, step: int, epoch: int, batch_index: int) -> float:
@@ -231,7 +294,7 @@ def checked_loss(loss: torch.Tensor, accelerator, batch: dict, step: int, epoch:
 
 @torch.no_grad()
 def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae, tokenizer, noise_scheduler, step: int, output_dir: Path) -> list:
-    """Generate one image per validation prompt with the negative token as negative prompt (main process)."""
+    """Generate one image per validation prompt, with the negative token as negative prompt for sft (main process)."""
     import numpy as np
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -245,10 +308,11 @@ def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae,
     for module in was_training:
         module.eval()
     images = []
+    negative_prompt = cfg.negative_token if cfg.objective == "sft" else None  # dpo trains no token
     with accelerator.autocast():
         for i, prompt in enumerate(cfg.validation_prompts):
             generator = torch.Generator(accelerator.device).manual_seed(derive_seed(cfg.seed, "validation", i))
-            images.append(pipe(prompt, negative_prompt=cfg.negative_token, num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=generator).images[0])
+            images.append(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution, width=cfg.resolution, generator=generator).images[0])
     for module, mode in was_training.items():
         module.train(mode)
     folder = output_dir / "validation" / f"step-{step:06d}"
@@ -292,8 +356,17 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     set_seed(cfg.seed)  # LoRA's initial weights; everything random after this has its own seed
 
     table = load_finetune_table(cfg.dataset)  # checked before any model loads
-    counts = role_counts(table)
-    check_negative_token(table, cfg.negative_token)
+    dpo = cfg.objective == "dpo"
+    if dpo:
+        pairs = load_pair_table(cfg.dataset)
+        regularization = rows_with_role(table, "regularization") if cfg.dpo_sft_weight else None
+        if cfg.dpo_sft_weight and regularization is None:
+            raise UserError(f"dpo_sft_weight={cfg.dpo_sft_weight} trains on the regularization rows, but {cfg.dataset} has none (set dpo_sft_weight=0)")
+        counts = {"pairs": len(pairs), "regularization": 0 if regularization is None else len(regularization)}
+        table = pair_image_table(pairs, regularization)
+    else:
+        counts = role_counts(table)
+        check_negative_token(table, cfg.negative_token)
 
     # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
     parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
@@ -303,6 +376,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     vae.requires_grad_(False)
     unet.requires_grad_(cfg.train_unet)
     text_encoder.requires_grad_(cfg.train_text_encoder)
+    if dpo:  # the starting model, before any adapter or training touches it
+        reference_unet = frozen_copy(unet, device, weight_dtype) if cfg.train_unet and not cfg.lora.rank else None
+        reference_text_encoder = frozen_copy(text_encoder, device, weight_dtype) if cfg.train_text_encoder else None
     if cfg.lora.rank:
         add_lora(unet, cfg)
     if cfg.gradient_checkpointing:
@@ -322,9 +398,11 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         weight_dtype=weight_dtype, cache_latents=cfg.cache_latents, cache_text=cache_text,
     )
     dataset = FinetuneDataset(table, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed)
+    if dpo:
+        dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate_pairs if dpo else collate, num_workers=cfg.dataloader_num_workers,
         persistent_workers=cfg.dataloader_num_workers > 0,  # workers start once, not at every epoch
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds do not draw from the global RNG
@@ -348,7 +426,11 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.use_ema else None  # outside the DDP wrapper
     if ema is not None:
         ema.to(device)
-    progress = TrainingProgress(data_layout=f"{len(dataset)} rows, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}")
+    reference = None
+    if dpo:
+        reference = Reference(accelerator.unwrap_model(unet) if reference_unet is None else reference_unet, reference_text_encoder, lora=bool(cfg.lora.rank))
+    rows = (f"{len(dataset)} pairs" + (" + regularization" if counts["regularization"] else "")) if dpo else f"{len(dataset)} rows"
+    progress = TrainingProgress(data_layout=f"{rows}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}")
     accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
 
     # --- resume
@@ -364,14 +446,20 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         accelerator.init_trackers("sr-finetune", config=_tracker_config(cfg))
     if is_main:
         logger.info(
-            "finetune: %d rows %s, %d processes x batch %d x accumulation %d, %d steps (%d epochs), prediction %s",
-            len(dataset), counts, accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps, max_train_steps, num_epochs, prediction_type,
+            "finetune: %s %s, %d processes x batch %d x accumulation %d, %d steps (%d epochs), prediction %s, objective %s",
+            rows, counts, accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps, max_train_steps, num_epochs, prediction_type, cfg.objective,
         )
 
     # --- train
     for module in trained.values():
         module.train()
     start_step, images_seen, last_loss, micro_losses = progress.global_step, 0, float("nan"), []
+    last_metrics, micro_metrics = {}, []
+    images_per_row = 2 + bool(counts["regularization"]) if dpo else 1
+    step_args = dict(
+        unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, prediction_type=prediction_type, cfg=cfg,
+        weight_dtype=weight_dtype, unet_dtype=unet_dtype,
+    )
     last_saved = progress.global_step if resume_dir is not None else None
     start_epoch, skip = progress.epoch, progress.batches_in_epoch
     if skip >= len(loader):
@@ -388,18 +476,19 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         for batch_index, batch in enumerate(batches, start=skip):
             generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", accelerator.process_index, epoch, batch_index))
             with accelerator.accumulate(*trained.values()):
-                loss = compute_loss(
-                    batch, unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, prediction_type=prediction_type,
-                    cfg=cfg, generator=generator, weight_dtype=weight_dtype, unet_dtype=unet_dtype,
-                )
+                if dpo:
+                    loss, metrics = compute_dpo_loss(batch, generator=generator, reference=reference, **step_args)
+                else:
+                    loss, metrics = compute_loss(batch, generator=generator, **step_args), {}
                 micro_losses.append(checked_loss(loss, accelerator, batch, progress.global_step + 1, epoch, batch_index))
+                micro_metrics.append(gathered_metrics(metrics, accelerator))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            images_seen += len(batch["prompt_id"]) * accelerator.num_processes
+            images_seen += len(batch["prompt_id"]) * images_per_row * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
 
@@ -409,10 +498,16 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
             if ema is not None:
                 ema.step(params)
             last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+            last_metrics = {name: sum(m[name] for m in micro_metrics) / len(micro_metrics) for name in micro_metrics[0]}
+            micro_metrics = []
             lrs_now = lr_scheduler.get_last_lr()
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lrs_now[0]:.2e}", refresh=False)
+            shown = {"acc": last_metrics["reward_accuracy"], "margin": last_metrics["reward_margin"]} if dpo else {}
+            bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in shown.items()}, lr=f"{lrs_now[0]:.2e}", refresh=False)
             bar.update(1)  # redraws at most every tqdm mininterval
-            accelerator.log({"loss": last_loss, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}}, step=progress.global_step)
+            accelerator.log(
+                {"loss": last_loss, **{f"dpo/{name}": value for name, value in last_metrics.items()}, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}},
+                step=progress.global_step,
+            )
             if cfg.checkpointing_steps and progress.global_step % cfg.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
                 last_saved = progress.global_step
@@ -468,4 +563,5 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         role_counts=counts,
         peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         hub_url=hub_url,
+        metrics=last_metrics,
     )

@@ -1,0 +1,377 @@
+"""objective=dpo: the Diffusion-DPO loss against the paper's equation, and the trainer on a tiny
+SD-2.1-shaped model at 32 px with a pair table written by the real pair builder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from sr_finetune.config import load_config
+from sr_finetune.errors import ConfigError, UserError
+from sr_finetune.pairs import PairsConfig, build_pairs
+from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
+from sr_finetune.training import trainer as trainer_module
+from sr_finetune.training.losses import diffusion_dpo_loss
+from conftest import launch_two_cpu_processes, reset_accelerate_state
+from test_trainer import assert_same, text_encoder_weights, tiny_cfg, unet_weights
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+# ---- the loss ----------------------------------------------------------------------------------
+
+
+def paper_loss(model_pred, ref_pred, target, beta):
+    """Eq. 14 of Wallace et al. (2023) as written, one pair at a time, with the authors' -beta/2 scale
+    (T * omega(lambda_t) folded into beta) and errors averaged over the latent dimensions."""
+    n = len(model_pred) // 2
+    losses = []
+    for i in range(n):
+        err = lambda pred, j: ((target[j] - pred[j]) ** 2).mean()  # noqa: E731
+        w, l = i, n + i
+        inner = (err(model_pred, w) - err(ref_pred, w)) - (err(model_pred, l) - err(ref_pred, l))
+        losses.append(-math.log(1.0 / (1.0 + math.exp(beta / 2 * inner.item()))))
+    return sum(losses) / n
+
+
+def random_preds(seed: int, pairs: int = 3, shape=(4, 2, 2)):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(2 * pairs, *shape, generator=g, dtype=torch.float64)
+    model = target + 0.5 * torch.randn(2 * pairs, *shape, generator=g, dtype=torch.float64)
+    ref = target + 0.5 * torch.randn(2 * pairs, *shape, generator=g, dtype=torch.float64)
+    return model, ref, target
+
+
+@pytest.mark.parametrize("beta", [1.0, 10.0])
+def test_dpo_loss_equals_the_papers_equation_per_pair(beta):
+    model, ref, target = random_preds(0)
+    terms = diffusion_dpo_loss(model.float(), ref.float(), target.float(), beta)
+    assert terms.loss.item() == pytest.approx(paper_loss(model, ref, target, beta), rel=1e-5)
+
+
+def test_dpo_loss_is_the_mean_of_pair_losses_not_of_the_mean_margin():
+    # pair 0: model much better than the reference on the chosen image; pair 1: slightly worse
+    target = torch.zeros(4, 1)
+    model = torch.tensor([[0.0], [0.5], [1.0], [0.0]])  # chosen 0, 1 | rejected 0, 1
+    ref = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    beta = 2.0
+    terms = diffusion_dpo_loss(model, ref, target, beta)
+    inside = torch.tensor([-0.5 * beta * ((0 - 1) - (1 - 1)), -0.5 * beta * ((0.25 - 0) - (0 - 0))])  # [1.0, -0.25]
+    assert terms.loss.item() == pytest.approx((-F.logsigmoid(inside)).mean().item(), rel=1e-6)
+    assert terms.loss.item() != pytest.approx(-F.logsigmoid(inside.mean()).item(), rel=1e-3)
+    assert terms.reward_accuracy.item() == 0.5 and terms.reward_margin.item() == pytest.approx(0.375)
+
+
+def test_larger_beta_sharpens_the_loss():
+    model, ref, target = random_preds(1, pairs=1)
+    terms = diffusion_dpo_loss(model.float(), ref.float(), target.float(), 1.0)
+    inside = terms.reward_margin.item()
+    assert inside != 0
+    sharp = diffusion_dpo_loss(model.float(), ref.float(), target.float(), 100.0)
+    assert sharp.reward_margin.item() == pytest.approx(100 * inside, rel=1e-4)  # the margin scales with beta
+    # the loss moves toward 0 (right side) or toward the margin itself (wrong side), away from log 2
+    assert abs(sharp.loss.item() - math.log(2)) > abs(terms.loss.item() - math.log(2))
+
+
+def test_swapping_chosen_and_rejected_flips_the_gradient():
+    model, ref, target = (t.float() for t in random_preds(2))
+    n = len(model) // 2
+    swap = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    grads = []
+    for order in (torch.arange(2 * n), swap):
+        pred = model[order].clone().requires_grad_(True)
+        diffusion_dpo_loss(pred, ref[order], target[order], 50.0).loss.backward()
+        grads.append(pred.grad[order.argsort()])  # back in the original order
+    (g, g_swapped) = grads
+    assert g.abs().sum() > 0
+    # per pair, the gradient of the swapped loss points the other way (its size differs: sigmoid(-x) vs sigmoid(x))
+    for i in range(n):
+        pair = torch.cat([g[i], g[n + i]]).flatten()
+        swapped = torch.cat([g_swapped[i], g_swapped[n + i]]).flatten()
+        assert torch.dot(pair, swapped) < 0
+        assert torch.allclose(swapped / swapped.norm(), -pair / pair.norm(), atol=1e-5)
+
+
+def test_model_equal_to_reference_gives_log_2_and_no_pair_right():
+    model, _, target = (t.float() for t in random_preds(3))
+    terms = diffusion_dpo_loss(model, model.clone(), target, 5000.0)
+    assert terms.loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert terms.reward_accuracy.item() == 0.0 and terms.reward_margin.item() == 0.0
+
+
+# ---- one training step -------------------------------------------------------------------------
+
+
+class RecordingUNet(torch.nn.Module):
+    """Predicts ``scale * noisy latents`` and records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.9))
+        self.calls = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, noisy, timesteps, states):
+        from types import SimpleNamespace
+
+        self.calls.append((noisy.detach().clone(), timesteps.clone(), states.detach().clone()))
+        return SimpleNamespace(sample=noisy * self.scale)
+
+
+def test_dpo_step_noises_both_images_of_a_pair_alike_in_one_unet_forward():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sr_finetune.training.reference import Reference
+
+    g = torch.Generator().manual_seed(0)
+    n, shape = 3, (4, 2, 2)
+    image = torch.randn(n, *shape, generator=g)  # chosen and rejected latents alike: only the noise can tell them apart
+    part = lambda mean, embeds: {"latent_mean": mean, "latent_logvar": torch.full_like(mean, -40.0), "prompt_embeds": embeds}  # noqa: E731
+    prompts = torch.randn(n, 5, 8, generator=g)
+    batch = {
+        "chosen": part(image, prompts), "rejected": part(image.clone(), torch.randn(n, 5, 8, generator=g)),  # rejected texts are not used
+        "regularization": part(torch.randn(n, *shape, generator=g), torch.randn(n, 5, 8, generator=g)), "prompt_id": ["a", "b", "c"],
+    }
+    unet, ref_unet = RecordingUNet(), RecordingUNet()
+    cfg = FinetuneConfig(objective="dpo", dpo_sft_weight=0.5, train_text_encoder=False, noise_offset=0.1)
+    loss, metrics = trainer_module.compute_dpo_loss(
+        batch, unet=unet, text_encoder=None, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)), noise_scheduler=DDPMScheduler(),
+        prediction_type="epsilon", cfg=cfg, generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32, unet_dtype=torch.float32,
+        reference=Reference(ref_unet),
+    )
+    ((noisy, t, states),) = unet.calls
+    ((ref_noisy, ref_t, ref_states),) = ref_unet.calls
+    assert len(noisy) == 3 * n and torch.equal(t[:n], t[n : 2 * n]) and torch.allclose(noisy[:n], noisy[n : 2 * n], atol=1e-6)
+    assert torch.equal(states[:n], prompts) and torch.equal(states[n : 2 * n], prompts) and torch.equal(states[2 * n :], batch["regularization"]["prompt_embeds"])
+    assert torch.equal(ref_noisy, noisy[: 2 * n]) and torch.equal(ref_t, t[: 2 * n]) and torch.equal(ref_states, states[: 2 * n])
+    # equal images noised alike: model and reference see no difference between w and l
+    assert abs(metrics["reward_margin"].item()) < 1e-3 and metrics["reward_accuracy"].item() in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * metrics["sft_loss"].item(), rel=1e-4)
+    loss.backward()
+    assert unet.scale.grad is not None and ref_unet.scale.grad is None
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dpo_set(tmp_path_factory) -> Path:
+    """build-pairs output with keep_pairs: 4 prompts x 3 generated 40x48 images, 3 regularisation images."""
+    root = tmp_path_factory.mktemp("dpo_set")
+    rng = np.random.default_rng(0)
+    rows, scores = [], []
+    for p in range(4):
+        for i in range(3):
+            rel = f"images/p{p}_{i}.png"
+            (root / "gen" / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "gen" / rel)
+            rows.append({"image_id": f"p{p}_{i}", "prompt_id": f"p{p}", "prompt": f"a photo of animal {p}", "path": rel, "seed": i, "model": "tiny"})
+            scores.append({"image_id": f"p{p}_{i}", "social_reward": float(rng.random())})
+    pd.DataFrame(rows).to_parquet(root / "gen" / "manifest.parquet")
+    pd.DataFrame(scores).to_parquet(root / "scores.parquet")
+    reg = root / "laion"
+    reg.mkdir()
+    with open(reg / "metadata.jsonl", "w") as meta:
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(reg / f"{i}.png")
+            meta.write(json.dumps({"file_name": f"{i}.png", "text": f"a laion caption {i}"}) + "\n")
+    out = root / "set"
+    build_pairs(PairsConfig(generations=str(root / "gen"), scores=str(root / "scores.parquet"), keep_pairs=True, regularization=str(reg), regularization_share=0.25, output_dir=str(out)))
+    return out
+
+
+def dpo_cfg(model: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
+    """The trainer tests' tiny settings with objective=dpo (beta 500: a visible margin in two steps)."""
+    return tiny_cfg(model, data, out, **{"objective": "dpo", "dpo_beta": 500.0, **overrides})
+
+
+def record_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that each call's first argument is recorded; returns the record."""
+    calls, real = [], getattr(owner, name)
+
+    def recording(first, *args, **kwargs):
+        calls.append(first)
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
+def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, dpo_set, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    references = []
+
+    class CapturedReference(trainer_module.Reference):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            references.append(self)
+
+    monkeypatch.setattr(trainer_module, "Reference", CapturedReference)
+    out = tmp_path / "ft"
+    summary = run_finetune(dpo_cfg(tiny_sd, dpo_set, out, report_to="tensorboard", dpo_sft_weight=0.5))
+
+    assert summary.global_step == 2 and summary.role_counts == {"pairs": 4, "regularization": 3}
+    assert set(summary.metrics) == {"reward_accuracy", "reward_margin", "sft_loss"} and 0.0 <= summary.metrics["reward_accuracy"] <= 1.0
+    assert "reward accuracy" in summary.line()
+    assert summary.images_seen == 2 * 2 * 3  # 2 steps x 2 pairs x (chosen, rejected, regularisation)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/sft_loss"} <= set(tags)
+    assert [e.step for e in events.Scalars("dpo/reward_margin")] == [1, 2]
+    assert abs(events.Scalars("dpo/reward_margin")[1].value) > 1e-2  # the reference stays the starting model
+    # the first step starts from the reference itself: margin 0 (to rounding: the UNet's batch has
+    # the regularisation rows too, the reference's not), loss = log 2 + 0.5 x sft
+    first = {tag: events.Scalars(tag)[0].value for tag in ("loss", "dpo/reward_margin", "dpo/sft_loss")}
+    assert abs(first["dpo/reward_margin"]) < 1e-3
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["dpo/sft_loss"], rel=1e-4)
+    # after training, the reference still holds the starting UNet and text encoder, in eval mode
+    (reference,) = references
+    for module, base, trained in ((reference.unet, unet_weights(tiny_sd), unet_weights(out)), (reference.text_encoder, text_encoder_weights(tiny_sd), text_encoder_weights(out))):
+        state = module.state_dict()
+        assert not module.training and all(torch.equal(state[k], v) for k, v in base.items())
+        assert any(not torch.equal(trained[k], v) for k, v in base.items())
+    card = (out / "README.md").read_text()
+    assert "Diffusion-DPO" in card and "| pairs | 4 |" in card and "| dpo_beta | 500.0 |" in card
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a cat", num_inference_steps=1, height=32, width=32).images[0].size == (32, 32)
+
+
+def test_dpo_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tiny_sd, dpo_set, tmp_path, monkeypatch):
+    import shutil
+
+    # 4 pairs / batch 1 = 4 batches per epoch, accumulation 2: steps end after batches 2, 4, 6.
+    # The uninterrupted run's checkpoint at step 1 (mid-epoch) is the state a run stopped there
+    # leaves behind; resuming from it crosses the epoch boundary.
+    common = dict(
+        gradient_accumulation_steps=2, checkpointing_steps=1, use_ema=True, ema_decay=0.9, random_flip=True, noise_offset=0.1,
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=1, dpo_sft_weight=0.5, train_batch_size=1,
+    )
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_finetune(dpo_cfg(tiny_sd, dpo_set, straight, max_train_steps=3, **common))
+    stopped.mkdir()
+    shutil.copytree(straight / "checkpoint-1", stopped / "checkpoint-1")
+
+    batches_run = record_calls(monkeypatch, trainer_module, "compute_dpo_loss")
+    reset_accelerate_state()
+    resumed = run_finetune(dpo_cfg(tiny_sd, dpo_set, stopped, max_train_steps=3, resume_from_checkpoint="latest", **common))
+
+    assert resumed.resumed_from == str(stopped / "checkpoint-1") and resumed.steps_run == 2
+    assert len(batches_run) == 4  # batches 3-4 of epoch 0, 1-2 of epoch 1: the two done before are skipped
+    assert_same(unet_weights(stopped), unet_weights(straight))  # EMA weights
+    for name in ("model.safetensors", "model_1.safetensors"):  # raw UNet and text encoder
+        assert_same(load_file(stopped / "checkpoint-3" / name), load_file(straight / "checkpoint-3" / name))
+
+
+def test_dpo_with_lora_uses_the_unet_with_adapters_off_as_reference(tiny_sd, dpo_set, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from sr_finetune.training import reference as reference_module
+
+    disabled = record_calls(monkeypatch, reference_module, "adapters_disabled")
+    copies = record_calls(monkeypatch, trainer_module, "frozen_copy")
+    out = tmp_path / "ft"
+    summary = run_finetune(dpo_cfg(tiny_sd, dpo_set, out, lora=LoraSettings(rank=4), train_text_encoder=False, unet_lr=1e-2, max_train_steps=2))
+
+    assert copies == [] and len(disabled) == 2  # no copy: the trained UNet, adapters off, once per step
+    assert isinstance(disabled[0], UNet2DConditionModel)
+    assert abs(summary.metrics["reward_margin"]) > 1e-3 and math.isfinite(summary.final_loss)  # adapters on != off
+    trained, base = unet_weights(out), unet_weights(tiny_sd)
+    assert trained.keys() == base.keys()  # merged
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert changed and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
+
+
+def test_reference_with_adapters_off_predicts_as_the_base_unet(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from sr_finetune.training.config import FinetuneConfig
+    from sr_finetune.training.reference import Reference
+    from sr_finetune.training.trainer import add_lora
+
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval()
+    tuned = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    add_lora(tuned, FinetuneConfig(lora=LoraSettings(rank=4)))
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # adapters that change the output
+    tuned.train()
+    g = torch.Generator().manual_seed(0)
+    latents, states = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 77, base.config.cross_attention_dim, generator=g)
+    timesteps = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = base(latents, timesteps, states).sample
+        with_adapters = tuned(latents, timesteps, states).sample
+    got = Reference(tuned, lora=True).prediction(latents, timesteps, states)
+    assert not torch.allclose(with_adapters, expected, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert tuned.training and all(p.requires_grad for n, p in tuned.named_parameters() if "lora_" in n)
+
+
+def test_regularization_rows_anywhere_in_the_set_are_taken_in_order_as_plain_slices():
+    from datasets import Dataset
+
+    from sr_finetune.training.pair_data import rows_with_role
+
+    roles = ["regularization", "chosen", "regularization", "regularization", "rejected", "regularization"]
+    table = Dataset.from_dict({"role": roles, "text": [f"row {i}" for i in range(len(roles))]})
+    rows = rows_with_role(table, "regularization")
+    assert rows["text"] == ["row 0", "row 2", "row 3", "row 5"]
+    assert rows._indices is None  # no indices mapping: the latent cache would write a flattened copy of it
+    assert rows_with_role(table, "other") is None
+
+
+def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, finetune_set, tmp_path):
+    with pytest.raises(UserError, match=r"objective=dpo needs the pair table .*pairs, which does not exist; .*pairs.keep_pairs=true") as err:
+        run_finetune(dpo_cfg(tiny_sd, finetune_set, tmp_path / "ft"))
+    assert str(finetune_set / "pairs") in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective=ppo", "objective: must be one of ('sft', 'dpo')"),
+        ("objective=dpo dpo_beta=0", "dpo_beta: must be positive"),
+        ("objective=dpo dpo_sft_weight=-1", "dpo_sft_weight: must be >= 0"),
+        ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),
+    ],
+)
+def test_bad_dpo_settings_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        load_config(FinetuneConfig, None, override.split())
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_two_processes_train_dpo_with_lora(tiny_sd, dpo_set, tmp_path):
+    out = tmp_path / "ft"
+    config = tmp_path / "finetune.yaml"
+    config.write_text(
+        f"model: {tiny_sd}\ndataset: {dpo_set}\noutput_dir: {out}\nresolution: 32\ntrain_batch_size: 1\nmax_train_steps: 2\n"
+        "dataloader_num_workers: 0\nreport_to: none\ncheckpointing_steps: 1\nuse_ema: true\nobjective: dpo\ndpo_sft_weight: 0.5\n"
+        "lora:\n  rank: 4\nunet_lr: 0.01\n"
+    )
+    result = launch_two_cpu_processes(["-m", "sr_finetune.training", "--config", str(config)], port=29531)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 pairs + regularization" in result.stderr and "2 processes x batch 1" in result.stderr and "objective dpo" in result.stderr
+    assert "reward accuracy" in result.stderr and "reward margin" in result.stderr
+    assert (out / "checkpoint-2" / "random_states_1.pkl").exists()
+    trained, base = unet_weights(out), unet_weights(tiny_sd)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
