@@ -76,3 +76,22 @@ def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
     assert [ok for _, ok in checks(row, accuracy)] == [True, True, True, True, True]
     row = model_rows(_results(0.6, 0.49, (1.0, 0.9), (0.30, 0.24)))["sft"]
     assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.75}})] == [False, False, False, False, False]
+
+
+def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_stages_on_rerun(tmp_path, caplog):
+    """The README's main job at --quick sizes, through the CLI: the report exists and the
+    fine-tuned model moves the way the hidden taste points (the direction, not the exact number)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert (out / "eval" / "report.html").is_file() and (out / "summary.md").is_file()
+    data = json.loads((out / "demo.json").read_text())
+    sft = data["models"]["sft"]
+    assert sft["judge_win_rate"] > 0.5 and sft["world_judge"] > sft["world_judge_base"]
+    assert sft["social_reward"] > sft["social_reward_base"]
+    assert set(data["accuracy"]) == {"social_reward", "clip", "world_judge"}
+    assert set(data["models"]) == {"sft", "sft-no-neg"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sr_finetune"):
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().endswith("finished earlier, skipped")]
+    assert len(skipped) == 8  # curate, train-reward, accuracy, generate, score, build-pairs:sft, finetune:sft, evaluate
