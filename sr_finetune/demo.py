@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,17 +66,18 @@ class DemoConfig:
 
 
 class DemoState:
-    """``demo_state.json``: the stages that finished and a fingerprint of the settings they ran with."""
+    """``demo_state.json``: the stages that finished, a fingerprint of the settings they ran with
+    and the seconds they took."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+        self.done: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
 
     def finished(self, key: str, fingerprint: str) -> bool:
-        return self.done.get(key) == fingerprint
+        return self.done.get(key, {}).get("fingerprint") == fingerprint
 
-    def mark(self, key: str, fingerprint: str) -> None:
-        self.done[key] = fingerprint
+    def mark(self, key: str, fingerprint: str, seconds: float) -> None:
+        self.done[key] = {"fingerprint": fingerprint, "seconds": round(seconds, 1)}
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.done, indent=2))
         os.replace(tmp, self.path)
@@ -146,8 +148,9 @@ class Demo:
             logger.info("demo: %s finished earlier, skipped", key)
             return
         logger.info("demo: %s", key)
+        start = time.perf_counter()
         logger.info(run(cfg).line())
-        self.state.mark(key, fingerprint)
+        self.state.mark(key, fingerprint, time.perf_counter() - start)
 
     def arm_overrides(self, arm: str) -> list[str]:
         root = self.out / "arms" / arm
@@ -170,7 +173,10 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = DemoState(self.out / STATE_FILE)
         logger.info("demo: writing the world's inputs to %s", self.out / "world")
+        start = time.perf_counter()
         self.write_world()
+        if "world" not in self.state.done:
+            self.state.mark("world", "", time.perf_counter() - start)
         for command in ("curate", "train-reward", "accuracy", "generate", "score"):
             self.run_stage(command)
         for arm in self.cfg.arms:

@@ -56,7 +56,13 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     ]
 
 
-def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str]) -> str:
+def timing_markdown(stages: dict[str, dict]) -> list[str]:
+    """Seconds per stage as they ran (a stage finished in an earlier run keeps its first time)."""
+    total = sum(s["seconds"] for s in stages.values())
+    return ["## Time per stage", "", " · ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + f" · **total {total / 60:.1f} min**", ""]
+
+
+def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
     labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
@@ -73,6 +79,8 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
     for arm in arms:
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(models[arm], accuracy)] + [""]
+    if stages:
+        lines += timing_markdown(stages)
     return "\n".join(lines)
 
 
@@ -83,10 +91,11 @@ def write_summary(demo) -> Path:
     results = json.loads((out / "eval" / "results.json").read_text())
     models = model_rows(results)
     arms = list(demo.cfg.arms)
-    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}}
+    stages = demo.state.done
+    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}, "stages": stages}
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms))
+    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms, stages))
     return path
 
 
