@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
@@ -44,6 +48,17 @@ def model_rows(results: dict) -> dict[str, dict]:
     return rows
 
 
+def pool_selection(scores: "pd.DataFrame") -> dict:
+    """What the reward picks from the pool, seen by the judge: the judge's mean over the pool, over
+    each prompt's chosen (highest Social Reward) and rejected (lowest) image, and the share of
+    prompts whose chosen image the judge prefers to the rejected one."""
+    scores = scores.reset_index(drop=True)
+    g = scores.groupby("prompt")
+    chosen, rejected = scores.loc[g[REWARD].idxmax(), JUDGE].to_numpy(), scores.loc[g[REWARD].idxmin(), JUDGE].to_numpy()
+    return {"prompts": len(chosen), "judge_pool": float(scores[JUDGE].mean()), "judge_chosen": float(chosen.mean()),
+            "judge_rejected": float(rejected.mean()), "chosen_preferred": float((chosen > rejected).mean())}  # fmt: skip
+
+
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     """(description, passed) for each target, for one fine-tuned model."""
     reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
@@ -62,12 +77,15 @@ def timing_markdown(stages: dict[str, dict]) -> list[str]:
     return ["## Time per stage", "", " · ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + f" · **total {total / 60:.1f} min**", ""]
 
 
-def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None) -> str:
+def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
     labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
     for metric, row in accuracy.items():
         lines.append(f"| {labels.get(metric, metric)} | {_pct(row['accuracy'])} | {_pct(row['ci_low'])} – {_pct(row['ci_high'])} |")
+    if pool:
+        lines += ["", f"In the pool ({pool['prompts']} prompts), the judge prefers the reward's chosen image to its rejected one for "
+                  f"{_pct(pool['chosen_preferred'])} of prompts (judge mean: chosen {pool['judge_chosen']:.3f}, rejected {pool['judge_rejected']:.3f}, pool {pool['judge_pool']:.3f})."]  # fmt: skip
     lines += ["", "## Fine-tuned vs base on held-out prompts (same seeds)", "",
               "| model | judge win-rate | 95% CI | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
     for name, r in models.items():
@@ -92,11 +110,13 @@ def write_summary(demo) -> Path:
     models = model_rows(results)
     arms = list(demo.cfg.arms)
     stages = demo.state.done
-    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}, "stages": stages}
+    scores = demo.scores_table()
+    pool = pool_selection(scores) if scores is not None and JUDGE in scores and REWARD in scores else None
+    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}, "stages": stages, "pool": pool}
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms, stages))
+    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms, stages, pool))
     return path
 
 
-__all__ = ["TARGETS", "accuracy_rows", "checks", "model_rows", "summary_markdown", "write_summary"]
+__all__ = ["TARGETS", "accuracy_rows", "checks", "model_rows", "pool_selection", "summary_markdown", "write_summary"]

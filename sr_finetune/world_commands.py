@@ -101,10 +101,10 @@ def add_world_parser(sub: argparse._SubParsersAction) -> None:
 
     base = cmds.add_parser("train-base", help="train the world's base model (VAE, then UNet + text encoder); resumable")
     base.add_argument("out_dir")
-    base.add_argument("--vae-steps", type=int, default=300)
+    base.add_argument("--vae-steps", type=int, default=1000)
     base.add_argument("--vae-lr", type=float, default=1e-3)
-    base.add_argument("--steps", type=int, default=1200)
-    base.add_argument("--batch-size", type=int, default=32)
+    base.add_argument("--steps", type=int, default=1800)
+    base.add_argument("--batch-size", type=int, default=64)
     base.add_argument("--lr", type=float, default=6e-4)
     base.add_argument("--warmup-steps", type=int, default=50)
     base.add_argument("--unet-channels", default="32,64,64", help="comma-separated block widths")

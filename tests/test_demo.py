@@ -95,3 +95,13 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
         assert main(["demo", "--quick", "--out", str(out)]) == 0
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().endswith("finished earlier, skipped")]
     assert len(skipped) == 8  # curate, train-reward, accuracy, generate, score, build-pairs:sft, finetune:sft, evaluate
+
+
+def test_pool_selection_reads_the_judge_at_the_rewards_choices():
+    import pandas as pd
+
+    from sr_finetune.demo_summary import pool_selection
+
+    scores = pd.DataFrame({"prompt": ["a"] * 3 + ["b"] * 3, "social_reward": [3, 1, 2, 0, 5, 1], "world_judge": [0.9, 0.1, 0.5, 0.5, 0.4, 0.6]})
+    got = pool_selection(scores.iloc[::-1])  # row order must not matter
+    assert got == {"prompts": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}

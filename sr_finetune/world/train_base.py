@@ -38,11 +38,11 @@ CONTEXT_LENGTH = 24  # tokens: the longest caption (14) plus a negative token su
 @dataclass
 class BaseTrainConfig:
     out_dir: str
-    vae_steps: int = 300
+    vae_steps: int = 1000
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
-    steps: int = 1200  # UNet + text encoder
-    batch_size: int = 32
+    steps: int = 1800  # UNet + text encoder
+    batch_size: int = 64
     lr: float = 6e-4
     warmup_steps: int = 50
     empty_caption_share: float = 0.1
