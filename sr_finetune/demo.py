@@ -166,14 +166,11 @@ class Demo:
                 entries += [f"evaluate.finetuned.{arm}-no-neg.path={path}", f"evaluate.finetuned.{arm}-no-neg.negative_prompt=null"]
         return entries
 
-    def scores_table(self):
-        """The score stage's merged table (``scores.parquet``), or None when it is not there."""
-        import pandas as pd
-
+    def output_dir(self, section: str) -> Path:
+        """Where a stage's section writes (``score``, ``accuracy``, ``evaluate``, ...)."""
         from .experiment import ExperimentConfig
 
-        path = Path(load_config(ExperimentConfig, self.config_path, self.overrides, section="score").score.output_dir) / "scores.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        return Path(getattr(load_config(ExperimentConfig, self.config_path, self.overrides, section=section), section).output_dir)
 
     def run(self) -> Path:
         """Every stage in order; returns the summary file."""

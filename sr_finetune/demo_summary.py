@@ -59,6 +59,16 @@ def pool_selection(scores: "pd.DataFrame") -> dict:
             "judge_rejected": float(rejected.mean()), "chosen_preferred": float((chosen > rejected).mean())}  # fmt: skip
 
 
+def arms_versus(scores: "pd.DataFrame", reference: str, others: list[str]) -> dict[str, dict]:
+    """Each of ``others`` against the arm ``reference`` on the judge, from the same seeds (image
+    unit): separates what the reward's direction does from what fine-tuning on the set does."""
+    from eval.stats import Bootstrap, win_table
+
+    table = win_table(scores, reference, others, [JUDGE], Bootstrap())
+    rows = table[table.unit == "image"]
+    return {r.model: {"versus": reference, "judge_win_rate": r.win_rate, "ci_low": r.ci_low, "ci_high": r.ci_high, "tie_rate": r.tie_rate, "pairs": r.n} for r in rows.itertuples()}
+
+
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     """(description, passed) for each target, for one fine-tuned model."""
     reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
@@ -77,7 +87,7 @@ def timing_markdown(stages: dict[str, dict]) -> list[str]:
     return ["## Time per stage", "", " · ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + f" · **total {total / 60:.1f} min**", ""]
 
 
-def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None) -> str:
+def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None, versus: dict | None = None) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
     labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
@@ -94,7 +104,11 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
             f"| {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |"
         )
     lines += ["", "`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
-    for arm in arms:
+    for name, v in (versus or {}).items():
+        lines.append(f"- {name} vs {v['versus']} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
+    if versus:
+        lines.append("")
+    for arm in arms[:1]:  # the targets are the paper's recipe's; the other arms are compared with it above
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(models[arm], accuracy)] + [""]
     if stages:
@@ -104,19 +118,23 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
 
 def write_summary(demo) -> Path:
     """``summary.md`` and ``demo.json`` in the demo's folder, from its stages' results."""
-    out = demo.out
-    accuracy = accuracy_rows(out / "accuracy" / "accuracy.json")
-    results = json.loads((out / "eval" / "results.json").read_text())
+    import pandas as pd
+
+    out, evaluation = demo.out, demo.output_dir("evaluate")
+    accuracy = accuracy_rows(demo.output_dir("accuracy") / "accuracy.json")
+    results = json.loads((evaluation / "results.json").read_text())
     models = model_rows(results)
     arms = list(demo.cfg.arms)
     stages = demo.state.done
-    scores = demo.scores_table()
+    pool_scores = demo.output_dir("score") / "scores.parquet"
+    scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
     pool = pool_selection(scores) if scores is not None and JUDGE in scores and REWARD in scores else None
-    data = {"accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arm: dict((t, ok) for t, ok in checks(models[arm], accuracy)) for arm in arms}, "stages": stages, "pool": pool}
+    versus = arms_versus(pd.read_parquet(evaluation / "scores.parquet"), arms[0], arms[1:]) if len(arms) > 1 else {}
+    data = {"versus": versus, "accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arms[0]: dict(checks(models[arms[0]], accuracy))}, "stages": stages, "pool": pool}
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(out / "eval" / "report.html"), arms, stages, pool))
+    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus))
     return path
 
 
-__all__ = ["TARGETS", "accuracy_rows", "checks", "model_rows", "pool_selection", "summary_markdown", "write_summary"]
+__all__ = ["TARGETS", "accuracy_rows", "arms_versus", "checks", "model_rows", "pool_selection", "summary_markdown", "write_summary"]

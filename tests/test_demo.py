@@ -105,3 +105,16 @@ def test_pool_selection_reads_the_judge_at_the_rewards_choices():
     scores = pd.DataFrame({"prompt": ["a"] * 3 + ["b"] * 3, "social_reward": [3, 1, 2, 0, 5, 1], "world_judge": [0.9, 0.1, 0.5, 0.5, 0.4, 0.6]})
     got = pool_selection(scores.iloc[::-1])  # row order must not matter
     assert got == {"prompts": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}
+
+
+def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
+    import pandas as pd
+
+    from sr_finetune.demo_summary import arms_versus
+
+    rows = []
+    for model, judge in (("sft", [0.5, 0.6, 0.7, 0.8]), ("swapped", [0.4, 0.6, 0.9, 0.1])):
+        for i, value in enumerate(judge):
+            rows.append({"model": model, "prompt_set": "held_out", "prompt_id": f"p{i // 2}", "index": i % 2, "world_judge": value})
+    got = arms_versus(pd.DataFrame(rows), "sft", ["swapped"])["swapped"]
+    assert (got["versus"], got["pairs"], got["judge_win_rate"], got["tie_rate"]) == ("sft", 4, 0.25, 0.25)

@@ -116,7 +116,8 @@ def test_the_shipped_world_weights_materialize_and_load(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(materialize_pipeline(tmp_path / "model", ASSETS_DIR))
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    assert all(t.startswith("CrossAttn") for t in pipe.unet.config.down_block_types)
+    assert list(pipe.unet.config.down_block_types) == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]  # plain at 16x16
+    assert list(pipe.unet.config.up_block_types) == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     clip = load_reward("social_reward", weights=str(materialize_world_clip(tmp_path / "clip.safetensors", ASSETS_DIR)))
     images = [render_prompt(c, 0) for c in CAPTIONS]
     scores = clip.score_images(images * 3, [c for c in CAPTIONS for _ in range(3)]).reshape(3, 3)  # [caption, image]
