@@ -73,9 +73,10 @@ def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
     row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
     assert row["judge_win_rate"] == 0.7 and row["pairs"] == 400  # the image unit, not the prompt unit
     assert row["fidelity_change_points"] == pytest.approx(-4.0)
-    assert [ok for _, ok in checks(row, accuracy)] == [True, True, True, True, True]
+    assert [ok for _, ok in checks(row, accuracy)] == [True] * 6
     row = model_rows(_results(0.6, 0.49, (1.0, 0.9), (0.30, 0.24)))["sft"]
-    assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.75}})] == [False, False, False, False, False]
+    assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.75}})] == [False] * 6
+    assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.5}})][-2:] == [False, True]
 
 
 def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_stages_on_rerun(tmp_path, caplog):
