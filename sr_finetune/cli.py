@@ -195,7 +195,7 @@ def _run_stages(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("sr-finetune run is single-process; under accelerate launch run each stage's recipe instead")
-    sections = {command: (section, run) for command, section, run, _ in STAGES}
+    sections = stage_runners()
     wanted = args.stages.split(",") if args.stages else _stages_in_file(args.config)
     unknown = [name for name in wanted if name not in sections]
     if unknown:
@@ -209,6 +209,11 @@ def _run_stages(args: argparse.Namespace) -> int:
         logger.info("stage %s", name)
         logger.info(run(getattr(configs[name], section)).line())
     return 0
+
+
+def stage_runners() -> dict[str, tuple[str, Callable[[object], object]]]:
+    """subcommand -> (config section, runner) of every flow stage."""
+    return {command: (section, run) for command, section, run, _ in STAGES}
 
 
 # (subcommand, config section, runner, help), in the order of the flow

@@ -83,12 +83,6 @@ class DemoState:
         os.replace(tmp, self.path)
 
 
-def _stage_runners() -> dict[str, tuple[str, object]]:
-    from .cli import STAGES
-
-    return {command: (section, run) for command, section, run, _ in STAGES}
-
-
 def _fingerprint(section_cfg: object) -> str:
     return hashlib.sha256(to_yaml(section_cfg).encode()).hexdigest()[:16]
 
@@ -97,8 +91,6 @@ class Demo:
     """Loads the demo config (with ``--quick`` sizes and the user's overrides) and runs its stages."""
 
     def __init__(self, config: str | os.PathLike | None, overrides: Sequence[str] = (), quick: bool = False, arms: Sequence[str] | None = None):
-        from .experiment import ExperimentConfig
-
         unprefixed = [o for o in overrides if "." not in o.partition("=")[0]]
         if unprefixed:
             raise ConfigError(f"demo: overrides need their section, e.g. demo.out_dir=... or finetune.max_train_steps=... (got {unprefixed[0]!r})")
@@ -106,13 +98,14 @@ class Demo:
         if not self.config_path.is_file():
             raise ConfigError(f"config error: demo config not found: {self.config_path} (pass --config recipes/configs/demo.yaml from the repository)")
         self.overrides = list(overrides) + ([f"demo.arms=[{','.join(arms)}]"] if arms else [])
-        cfg = load_config(ExperimentConfig, self.config_path, self.overrides, section="demo")
+        self.cfg: DemoConfig = self.section_config("demo")
         if quick:  # the quick sizes first, so that the user's overrides still win
-            self.overrides = list(cfg.demo.quick) + self.overrides
-            cfg = load_config(ExperimentConfig, self.config_path, self.overrides, section="demo")
-        self.cfg = cfg.demo
+            self.overrides = list(self.cfg.quick) + self.overrides
+            self.cfg = self.section_config("demo")
         self.out = Path(self.cfg.out_dir)
-        self.runners = _stage_runners()
+        from .cli import stage_runners
+
+        self.runners = stage_runners()
         self.state: DemoState | None = None
 
     # -- the world's inputs ------------------------------------------------------------------
@@ -136,13 +129,17 @@ class Demo:
         write_regularization_set(world / "regularization", self.cfg.regularization_images, seed=self.cfg.seed)
 
     # -- stages ------------------------------------------------------------------------------
-    def run_stage(self, command: str, extra: Sequence[str] = (), key: str | None = None) -> None:
-        """Run one library stage on its section (with ``extra`` overrides), unless it already finished."""
+    def section_config(self, section: str, extra: Sequence[str] = ()):
+        """One stage's validated section, with the demo's overrides and ``extra``."""
         from .experiment import ExperimentConfig
 
+        return getattr(load_config(ExperimentConfig, self.config_path, [*self.overrides, *extra], section=section), section)
+
+    def run_stage(self, command: str, extra: Sequence[str] = (), key: str | None = None) -> None:
+        """Run one library stage on its section (with ``extra`` overrides), unless it already finished."""
         section, run = self.runners[command]
         key = key or command
-        cfg = getattr(load_config(ExperimentConfig, self.config_path, [*self.overrides, *extra], section=section), section)
+        cfg = self.section_config(section, extra)
         fingerprint = _fingerprint(cfg)
         if self.state.finished(key, fingerprint):
             logger.info("demo: %s finished earlier, skipped", key)
@@ -152,15 +149,18 @@ class Demo:
         logger.info(run(cfg).line())
         self.state.mark(key, fingerprint, time.perf_counter() - start)
 
+    def arm_dir(self, arm: str) -> Path:
+        return self.out / "arms" / arm
+
     def arm_overrides(self, arm: str) -> list[str]:
-        root = self.out / "arms" / arm
+        root = self.arm_dir(arm)
         return [f"pairs.output_dir={root / 'pairs'}", f"finetune.output_dir={root / 'finetune'}", *self.cfg.arm_presets[arm]]
 
     def evaluate_overrides(self) -> list[str]:
         """Each arm as a fine-tuned model (with the negative prompt, and without it when asked)."""
         entries = []
         for arm in self.cfg.arms:
-            path = self.out / "arms" / arm / "finetune"
+            path = self.arm_dir(arm) / "finetune"
             entries.append(f"evaluate.finetuned.{arm}.path={path}")
             if self.cfg.without_negative_token:
                 entries += [f"evaluate.finetuned.{arm}-no-neg.path={path}", f"evaluate.finetuned.{arm}-no-neg.negative_prompt=null"]
@@ -168,9 +168,7 @@ class Demo:
 
     def output_dir(self, section: str) -> Path:
         """Where a stage's section writes (``score``, ``accuracy``, ``evaluate``, ...)."""
-        from .experiment import ExperimentConfig
-
-        return Path(getattr(load_config(ExperimentConfig, self.config_path, self.overrides, section=section), section).output_dir)
+        return Path(self.section_config(section).output_dir)
 
     def run(self) -> Path:
         """Every stage in order; returns the summary file."""
