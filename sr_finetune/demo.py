@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,9 @@ class DemoState:
         os.replace(tmp, self.path)
 
 
-def _fingerprint(section_cfg: object) -> str:
-    return hashlib.sha256(to_yaml(section_cfg).encode()).hexdigest()[:16]
+def _fingerprint(settings: object, upstream: Sequence[str] = ()) -> str:
+    """A stage's identity: its resolved settings and the fingerprints of the stages it reads."""
+    return hashlib.sha256("\n".join([to_yaml(settings), *upstream]).encode()).hexdigest()[:16]
 
 
 class Demo:
@@ -107,26 +109,40 @@ class Demo:
 
         self.runners = stage_runners()
         self.state: DemoState | None = None
+        self.fingerprints: dict[str, str] = {}  # this run's stage fingerprints, by key
 
     # -- the world's inputs ------------------------------------------------------------------
     def write_world(self) -> None:
-        """Shipped weights, community logs, prompt lists and the regularisation set (each once)."""
+        """Shipped weights, community logs, prompt lists and the regularisation set. Each part is
+        written once, and again (from scratch) when the settings that decide it changed; its
+        fingerprint is what the stages reading it depend on (``world:<part>``)."""
         from reward.world_clip import materialize_world_clip
 
         from .world.assets import ASSETS_DIR, materialize_pipeline
         from .world.community import simulate_community
         from .world.files import write_prompt_file, write_regularization_set
 
-        world = self.out / "world"
+        world, cfg = self.out / "world", self.cfg
         if not (world / "model" / "model_index.json").is_file():
             materialize_pipeline(world / "model")
         if not (world / "world_clip.safetensors").is_file():
             materialize_world_clip(world / "world_clip.safetensors", ASSETS_DIR)
-        if not (world / "community" / "community.json").is_file():  # written last by the simulator
-            simulate_community(world / "community", self.cfg.community)
-        write_prompt_file(world / "prompts" / "pool.txt", "train", self.cfg.pool_prompts, self.cfg.seed)
-        write_prompt_file(world / "prompts" / "held_out.txt", "test", self.cfg.eval_prompts, self.cfg.seed)
-        write_regularization_set(world / "regularization", self.cfg.regularization_images, seed=self.cfg.seed)
+        parts = {  # name -> (where it is written, the settings that decide it, the writer)
+            "community": (world / "community", cfg.community, lambda path: simulate_community(path, cfg.community)),
+            "pool": (world / "prompts" / "pool.txt", [cfg.pool_prompts, cfg.seed], lambda path: write_prompt_file(path, "train", cfg.pool_prompts, cfg.seed)),
+            "held_out": (world / "prompts" / "held_out.txt", [cfg.eval_prompts, cfg.seed], lambda path: write_prompt_file(path, "test", cfg.eval_prompts, cfg.seed)),
+            "regularization": (world / "regularization", [cfg.regularization_images, cfg.seed], lambda path: write_regularization_set(path, cfg.regularization_images, seed=cfg.seed)),
+        }  # fmt: skip
+        for name, (path, settings, write) in parts.items():
+            key, start = f"world:{name}", time.perf_counter()
+            self.fingerprints[key] = _fingerprint(settings)
+            if self.state.finished(key, self.fingerprints[key]):
+                continue
+            if key in self.state.done:
+                logger.info("demo: the settings of the world's %s changed; %s is written again", name, path)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            write(path)  # each writer keeps what it finished before an interruption
+            self.state.mark(key, self.fingerprints[key], time.perf_counter() - start)
 
     # -- stages ------------------------------------------------------------------------------
     def section_config(self, section: str, extra: Sequence[str] = ()):
@@ -135,15 +151,22 @@ class Demo:
 
         return getattr(load_config(ExperimentConfig, self.config_path, [*self.overrides, *extra], section=section), section)
 
-    def run_stage(self, command: str, extra: Sequence[str] = (), key: str | None = None) -> None:
-        """Run one library stage on its section (with ``extra`` overrides), unless it already finished."""
+    def run_stage(self, command: str, extra: Sequence[str] = (), key: str | None = None, after: Sequence[str] = ()) -> None:
+        """Run one library stage on its section (with ``extra`` overrides), unless it already
+        finished with the same settings after the same upstream stages (``after``). A stage that
+        finished with other settings or inputs starts over in an emptied output folder."""
         section, run = self.runners[command]
         key = key or command
         cfg = self.section_config(section, extra)
-        fingerprint = _fingerprint(cfg)
+        fingerprint = _fingerprint(cfg, [self.fingerprints[k] for k in after])
+        self.fingerprints[key] = fingerprint
         if self.state.finished(key, fingerprint):
             logger.info("demo: %s finished earlier, skipped", key)
             return
+        output = Path(cfg.output_dir).resolve()
+        if key in self.state.done and output.is_relative_to(self.out.resolve()):
+            logger.info("demo: %s: settings or inputs changed since it finished; %s starts over", key, cfg.output_dir)
+            shutil.rmtree(output, ignore_errors=True)
         logger.info("demo: %s", key)
         start = time.perf_counter()
         logger.info(run(cfg).line())
@@ -176,18 +199,19 @@ class Demo:
 
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = DemoState(self.out / STATE_FILE)
+        self.fingerprints = {}
         logger.info("demo: writing the world's inputs to %s", self.out / "world")
-        start = time.perf_counter()
         self.write_world()
-        if "world" not in self.state.done:
-            self.state.mark("world", "", time.perf_counter() - start)
-        for command in ("curate", "train-reward", "accuracy", "generate", "score"):
-            self.run_stage(command)
+        self.run_stage("curate", after=["world:community"])
+        self.run_stage("train-reward", after=["curate"])
+        self.run_stage("accuracy", after=["train-reward"])
+        self.run_stage("generate", after=["world:pool"])
+        self.run_stage("score", after=["generate", "train-reward"])
         for arm in self.cfg.arms:
             extra = self.arm_overrides(arm)
-            self.run_stage("build-pairs", extra, key=f"build-pairs:{arm}")
-            self.run_stage("finetune", extra, key=f"finetune:{arm}")
-        self.run_stage("evaluate", self.evaluate_overrides())
+            self.run_stage("build-pairs", extra, key=f"build-pairs:{arm}", after=["world:regularization", "score"])
+            self.run_stage("finetune", extra, key=f"finetune:{arm}", after=[f"build-pairs:{arm}"])
+        self.run_stage("evaluate", self.evaluate_overrides(), after=["world:held_out", "train-reward", *(f"finetune:{arm}" for arm in self.cfg.arms)])
         return write_summary(self)
 
 

@@ -84,8 +84,12 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
 
 def timing_markdown(stages: dict[str, dict]) -> list[str]:
     """Seconds per stage as they ran (a stage finished in an earlier run keeps its first time)."""
-    total = sum(s["seconds"] for s in stages.values())
-    return ["## Time per stage", "", " · ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items()) + f" · **total {total / 60:.1f} min**", ""]
+    seconds: dict[str, float] = {}
+    for key, stage in stages.items():  # the world's parts (world:community, ...) as one entry
+        name = "world" if key.startswith("world:") else key
+        seconds[name] = seconds.get(name, 0.0) + stage["seconds"]
+    total = sum(seconds.values())
+    return ["## Time per stage", "", " · ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" · **total {total / 60:.1f} min**", ""]
 
 
 def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None, versus: dict | None = None) -> str:

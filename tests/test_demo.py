@@ -119,3 +119,47 @@ def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
             rows.append({"model": model, "prompt_set": "held_out", "prompt_id": f"p{i // 2}", "index": i % 2, "world_judge": value})
     got = arms_versus(pd.DataFrame(rows), "sft", ["swapped"])["swapped"]
     assert (got["versus"], got["pairs"], got["judge_win_rate"], got["tie_rate"]) == ("sft", 4, 0.25, 0.25)
+
+
+class _FakeStage:
+    """Stands in for a library stage: records its key and whether its output folder was empty."""
+
+    def __init__(self, command: str, calls: list):
+        self.command, self.calls = command, calls
+
+    def __call__(self, cfg):
+        from pathlib import Path
+
+        out = Path(cfg.output_dir)
+        self.calls.append((self.command, out.name, (out / "done").exists()))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done").write_text("x")
+        return type("Result", (), {"line": lambda _self: f"{self.command} ok"})()
+
+
+def _fake_demo(out, monkeypatch, calls: list, *overrides: str) -> Demo:
+    tiny = ["demo.community.prompts=3", "demo.community.users=12", "demo.community.influencers=2", "demo.pool_prompts=4",
+            "demo.eval_prompts=2", "demo.regularization_images=2"]  # fmt: skip
+    demo = Demo(None, [f"demo.out_dir={out}", *tiny, *overrides])
+    demo.runners = {cmd: (section, _FakeStage(cmd, calls)) for cmd, (section, _run) in demo.runners.items()}
+    monkeypatch.setattr("sr_finetune.demo_summary.write_summary", lambda demo: demo.out / "summary.md")
+    return demo
+
+
+def test_a_changed_setting_reruns_its_stage_and_everything_downstream_from_an_empty_folder(tmp_path, monkeypatch):
+    everything = ["curate", "train-reward", "accuracy", "generate", "score", "build-pairs", "finetune", "evaluate"]
+    calls: list = []
+    _fake_demo(tmp_path, monkeypatch, calls).run()
+    assert [c for c, _, _ in calls] == everything and not any(existed for *_, existed in calls)
+    calls.clear()
+    _fake_demo(tmp_path, monkeypatch, calls).run()
+    assert calls == []
+    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7").run()
+    assert calls == [("finetune", "finetune", False), ("evaluate", "eval", False)]  # stale outputs removed first
+    calls.clear()
+    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3").run()
+    assert [c for c, _, _ in calls] == ["generate", "score", "build-pairs", "finetune", "evaluate"]
+    assert len((tmp_path / "world" / "prompts" / "pool.txt").read_text().splitlines()) == 3  # the world's inputs rewritten
+    calls.clear()
+    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
+    assert [c for c, _, _ in calls] == ["curate", "train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
