@@ -127,8 +127,13 @@ class Demo:
             materialize_pipeline(world / "model")
         if not (world / "world_clip.safetensors").is_file():
             materialize_world_clip(world / "world_clip.safetensors", ASSETS_DIR)
+
+        def write_community(path: Path) -> None:
+            if not (path / "community.json").is_file():  # written last by the simulator
+                simulate_community(path, cfg.community)
+
         parts = {  # name -> (where it is written, the settings that decide it, the writer)
-            "community": (world / "community", cfg.community, lambda path: simulate_community(path, cfg.community)),
+            "community": (world / "community", cfg.community, write_community),
             "pool": (world / "prompts" / "pool.txt", [cfg.pool_prompts, cfg.seed], lambda path: write_prompt_file(path, "train", cfg.pool_prompts, cfg.seed)),
             "held_out": (world / "prompts" / "held_out.txt", [cfg.eval_prompts, cfg.seed], lambda path: write_prompt_file(path, "test", cfg.eval_prompts, cfg.seed)),
             "regularization": (world / "regularization", [cfg.regularization_images, cfg.seed], lambda path: write_regularization_set(path, cfg.regularization_images, seed=cfg.seed)),

@@ -4,6 +4,10 @@ The community prefers large, centred subjects that stand out from the background
 fixes none of the three exactly (size is a class with a range, positions and colour shifts are
 free), so images of one prompt differ in taste, and a reward model can only learn it from what
 the community did. Evaluation uses the same function as the world's judge; training never does.
+
+Size and centring are read per subject (the mean extent of the shapes, the mean distance of
+each shape from the centre), so that clutter does not pass for taste: scattered fragments cover
+much of an image and centre the union's centroid, but each is small and off-centre.
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ from __future__ import annotations
 from PIL import Image
 
 from .pixels import Reading, read_image
+from .scenes import SIZE_RANGES
 
 TASTE_WEIGHTS = {"size": 0.4, "centred": 0.4, "contrast": 0.2}
-FULL_SIZE_SHARE = 0.35  # a foreground share at or above this counts as fully large
+FULL_EXTENT = float(SIZE_RANGES["large"][1])  # a mean shape extent (px at 32 px) at or above this counts as fully large
 
 
 def taste_of_reading(reading: Reading) -> float:
     """Taste in [0, 1] from a :class:`Reading`; an image with no shape scores 0."""
     if reading.count == 0:
         return 0.0
-    size = min(1.0, (reading.foreground_share / FULL_SIZE_SHARE) ** 0.5)
-    centred = max(0.0, 1.0 - reading.centre_offset)
+    size = min(1.0, reading.mean_extent / FULL_EXTENT)
+    centred = max(0.0, 1.0 - reading.mean_shape_offset)
     return TASTE_WEIGHTS["size"] * size + TASTE_WEIGHTS["centred"] * centred + TASTE_WEIGHTS["contrast"] * min(1.0, reading.contrast)
 
 
@@ -30,4 +35,4 @@ def taste(image: Image.Image) -> float:
     return taste_of_reading(read_image(image))
 
 
-__all__ = ["FULL_SIZE_SHARE", "TASTE_WEIGHTS", "taste", "taste_of_reading"]
+__all__ = ["FULL_EXTENT", "TASTE_WEIGHTS", "taste", "taste_of_reading"]
