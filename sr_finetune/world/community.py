@@ -66,6 +66,17 @@ def remix_probability(taste_value: np.ndarray | float, cfg: CommunityConfig) -> 
     return 1 / (1 + np.exp(-logit))
 
 
+def remix_table(remixes: list[tuple[str, np.ndarray, int, np.ndarray]]) -> pd.DataFrame:
+    """One table from per-image (image id, remixer ids, post time in ns, remix delays in s)."""
+    counts = [len(users) for _, users, _, _ in remixes]
+    delays = pd.to_timedelta(np.concatenate([times for *_, times in remixes]), unit="s").to_numpy().astype(np.int64)
+    return pd.DataFrame({
+        "image_id": np.repeat([image_id for image_id, *_ in remixes], counts),
+        "remixer_user_id": np.concatenate([users for _, users, _, _ in remixes]),
+        "at": pd.to_datetime(np.repeat([posted for _, _, posted, _ in remixes], counts) + delays, unit="ns", utc=True),
+    })  # fmt: skip
+
+
 def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None = None) -> dict[str, Path]:
     """Write images and engagement logs of a simulated community to ``out_dir``; deterministic in ``cfg.seed``."""
     cfg = cfg or CommunityConfig()
@@ -113,14 +124,14 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
                 for j in np.flatnonzero(remixers == poster):
                     while remixers[j] == poster:
                         remixers[j] = draw_users(1)[0]
-                remixes.append(pd.DataFrame({"image_id": image_id, "remixer_user_id": remixers, "at": posted_at + pd.to_timedelta(times, unit="s")}))
+                remixes.append((image_id, remixers, posted_at.value, times))
             images.append({"image_id": image_id, "prompt": prompt.text, "path": path, "user_id": poster, "posted_at": posted_at, "views_before_first_remix": min(before_first, views)})
             truth.append({"image_id": image_id, "taste": value, "remix_probability": p, "exposure": exposure, "views": views, "remixes": count})
 
     paths = {"images": out / "images.parquet", "remixes": out / "remixes.parquet", "influencers": out / "influencers.txt", "truth": out / "truth.parquet"}
     atomic_write_parquet(pd.DataFrame(images), paths["images"])
     columns = ["image_id", "remixer_user_id", "at"]
-    atomic_write_parquet(pd.concat(remixes, ignore_index=True) if remixes else pd.DataFrame(columns=columns), paths["remixes"])
+    atomic_write_parquet(remix_table(remixes) if remixes else pd.DataFrame(columns=columns), paths["remixes"])
     paths["influencers"].write_text("".join(f"{u}\n" for u in sorted(influencers)))
     atomic_write_parquet(pd.DataFrame(truth), paths["truth"])
     (out / "community.json").write_text(json.dumps(asdict(cfg), indent=2))
