@@ -84,6 +84,14 @@ class DemoState:
         os.replace(tmp, self.path)
 
 
+def _digest(*files: Path) -> str:
+    """The bytes of shipped files, as the settings of what is written from them."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(settings: object, upstream: Sequence[str] = ()) -> str:
     """A stage's identity: its resolved settings and the fingerprints of the stages it reads."""
     return hashlib.sha256("\n".join([to_yaml(settings), *upstream]).encode()).hexdigest()[:16]
@@ -114,8 +122,8 @@ class Demo:
     # -- the world's inputs ------------------------------------------------------------------
     def write_world(self) -> None:
         """Shipped weights, community logs, prompt lists and the regularisation set. Each part is
-        written once, and again (from scratch) when the settings that decide it changed; its
-        fingerprint is what the stages reading it depend on (``world:<part>``)."""
+        written once, and again (from scratch) when the settings or shipped weights that decide
+        it changed; its fingerprint is what the stages reading it depend on (``world:<part>``)."""
         from reward.world_clip import materialize_world_clip
 
         from .world.assets import ASSETS_DIR, materialize_pipeline
@@ -123,16 +131,14 @@ class Demo:
         from .world.files import write_prompt_file, write_regularization_set
 
         world, cfg = self.out / "world", self.cfg
-        if not (world / "model" / "model_index.json").is_file():
-            materialize_pipeline(world / "model")
-        if not (world / "world_clip.safetensors").is_file():
-            materialize_world_clip(world / "world_clip.safetensors", ASSETS_DIR)
 
         def write_community(path: Path) -> None:
             if not (path / "community.json").is_file():  # written last by the simulator
                 simulate_community(path, cfg.community)
 
         parts = {  # name -> (where it is written, the settings that decide it, the writer)
+            "model": (world / "model", _digest(ASSETS_DIR / "base.json", ASSETS_DIR / "base.safetensors"), materialize_pipeline),
+            "clip": (world / "world_clip.safetensors", _digest(ASSETS_DIR / "world_clip.safetensors"), lambda path: materialize_world_clip(path, ASSETS_DIR)),
             "community": (world / "community", cfg.community, write_community),
             "pool": (world / "prompts" / "pool.txt", [cfg.pool_prompts, cfg.seed], lambda path: write_prompt_file(path, "train", cfg.pool_prompts, cfg.seed)),
             "held_out": (world / "prompts" / "held_out.txt", [cfg.eval_prompts, cfg.seed], lambda path: write_prompt_file(path, "test", cfg.eval_prompts, cfg.seed)),
@@ -144,9 +150,13 @@ class Demo:
             if self.state.finished(key, self.fingerprints[key]):
                 continue
             if key in self.state.done:
-                logger.info("demo: the settings of the world's %s changed; %s is written again", name, path)
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            write(path)  # each writer keeps what it finished before an interruption
+                logger.info("demo: the world's %s changed; %s is written again", name, path)
+            if key in self.state.done or name in ("model", "clip"):  # shipped weights: always whole
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            write(path)  # the other writers keep what they finished before an interruption
             self.state.mark(key, self.fingerprints[key], time.perf_counter() - start)
 
     # -- stages ------------------------------------------------------------------------------
@@ -208,9 +218,9 @@ class Demo:
         logger.info("demo: writing the world's inputs to %s", self.out / "world")
         self.write_world()
         self.run_stage("curate", after=["world:community"])
-        self.run_stage("train-reward", after=["curate"])
-        self.run_stage("accuracy", after=["train-reward"])
-        self.run_stage("generate", after=["world:pool"])
+        self.run_stage("train-reward", after=["curate", "world:clip"])
+        self.run_stage("accuracy", after=["train-reward", "world:clip"])
+        self.run_stage("generate", after=["world:pool", "world:model"])
         self.run_stage("score", after=["generate", "train-reward"])
         for arm in self.cfg.arms:
             extra = self.arm_overrides(arm)

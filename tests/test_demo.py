@@ -147,19 +147,35 @@ def _fake_demo(out, monkeypatch, calls: list, *overrides: str) -> Demo:
 
 
 def test_a_changed_setting_reruns_its_stage_and_everything_downstream_from_an_empty_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sr_finetune.world.assets import ASSETS_DIR
+
+    assets = shutil.copytree(ASSETS_DIR, tmp_path / "assets")
+    monkeypatch.setattr("sr_finetune.world.assets.ASSETS_DIR", assets)
     everything = ["curate", "train-reward", "accuracy", "generate", "score", "build-pairs", "finetune", "evaluate"]
     calls: list = []
-    _fake_demo(tmp_path, monkeypatch, calls).run()
+    out = tmp_path / "demo"
+    _fake_demo(out, monkeypatch, calls).run()
     assert [c for c, _, _ in calls] == everything and not any(existed for *_, existed in calls)
     calls.clear()
-    _fake_demo(tmp_path, monkeypatch, calls).run()
+    _fake_demo(out, monkeypatch, calls).run()
     assert calls == []
-    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7").run()
+    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7").run()
     assert calls == [("finetune", "finetune", False), ("evaluate", "eval", False)]  # stale outputs removed first
     calls.clear()
-    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3").run()
+    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3").run()
     assert [c for c, _, _ in calls] == ["generate", "score", "build-pairs", "finetune", "evaluate"]
-    assert len((tmp_path / "world" / "prompts" / "pool.txt").read_text().splitlines()) == 3  # the world's inputs rewritten
+    assert len((out / "world" / "prompts" / "pool.txt").read_text().splitlines()) == 3  # the world's inputs rewritten
     calls.clear()
-    _fake_demo(tmp_path, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
+    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
     assert [c for c, _, _ in calls] == ["curate", "train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
+    calls.clear()
+    clip = load_file(assets / "world_clip.safetensors")  # a new shipped world CLIP
+    save_file({k: v + 1 if k == "logit_scale" else v for k, v in clip.items()}, assets / "world_clip.safetensors")
+    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
+    assert [c for c, _, _ in calls] == ["train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
+    written = load_file(out / "world" / "world_clip.safetensors")["logit_scale"].float()
+    assert abs(written - (clip["logit_scale"].float() + 1)) < 0.01  # the new weights (fp16 when shipped)
