@@ -77,16 +77,18 @@ def test_the_taste_prefers_large_centred_contrasting_subjects():
 
 def test_clutter_does_not_pass_for_taste():
     """Scattered small fragments cover more of the image than one large centred square and centre
-    the union's centroid, but each is small and off-centre: the per-shape taste ranks them lower."""
+    the centroid of them all, but the largest is small and off-centre: the taste ranks them lower."""
     prompt = parse_caption("a large white square on a black background")
     subject = Scene(prompt, (Shape("square", 9, 9, 14),), 0, 0)
     spots = [(1, 1), (25, 1), (1, 25), (25, 25), (13, 1), (13, 25), (1, 13), (25, 13)]
     clutter = Scene(prompt, tuple(Shape("square", x, y, 6) for x, y in spots), 0, 0)
     one, many = read_image(render(subject)), read_image(render(clutter))
     assert many.count == 8 and many.foreground_share > one.foreground_share
-    assert many.centre_offset < 0.05 and many.mean_shape_offset > 0.5  # the union is centred, no shape is
-    assert (one.mean_extent, many.mean_extent) == (14.0, 6.0)
+    assert many.centre_offset < 0.05 and many.subject_offset > 0.5  # the union is centred, no shape is
+    assert (one.subject_extent, many.subject_extent) == (14.0, 6.0)
     assert taste(render(subject)) > taste(render(clutter)) + 0.3
+    second = Scene(parse_caption("two large white squares on a black background"), (Shape("square", 9, 9, 14), Shape("square", 1, 25, 6)), 0, 0)
+    assert taste(render(second)) == pytest.approx(taste(render(subject)), abs=1e-6)  # a second shape costs nothing
 
 
 def test_the_taste_varies_within_every_prompt():

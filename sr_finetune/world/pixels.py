@@ -45,8 +45,8 @@ class Reading:
     foreground_share: float  # share of the image covered by shapes
     centre_offset: float  # distance of the shapes' centroid from the image centre, / half-diagonal
     contrast: float  # RGB distance of mean shape colour and mean background colour, / sqrt(3)*255
-    mean_extent: float  # mean extent of the shapes (px at 32 px); 0 without shapes
-    mean_shape_offset: float  # mean distance of each shape's centroid from the image centre, / half-diagonal
+    subject_extent: float  # extent of the largest shape, the main subject (px at 32 px); 0 without shapes
+    subject_offset: float  # distance of the main subject's centroid from the image centre, / half-diagonal
 
     def matches(self, prompt: Prompt | str) -> dict[str, bool]:
         """Per attribute, whether the pixels show what the caption says."""
@@ -93,27 +93,28 @@ def read_image(image: Image.Image) -> Reading:
     background = PALETTE_NAMES[bg_label]
     if not kept:
         return Reading(0, None, None, None, background, texture, 0.0, 1.0, 0.0, 0.0, 1.0)
-    kinds, extents = [], []
+    kinds, extents = [], {}
     for box, index in zip(ndimage.find_objects(components), range(1, n + 1)):
         if index not in kept:
             continue
         h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
         fill = float((components[box] == index).sum()) / (h * w)
         kinds.append("square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle")
-        extents.append(max(h, w) / scale)
+        extents[index] = max(h, w) / scale
     colour = PALETTE_NAMES[Counter(labels[shape_mask].tolist()).most_common(1)[0][0]]
     shape = Counter(kinds).most_common(1)[0][0]
-    size_class = "small" if float(np.median(extents)) < SIZE_SPLIT else "large"
+    size_class = "small" if float(np.median(list(extents.values()))) < SIZE_SPLIT else "large"
     ys, xs = np.nonzero(shape_mask)
     centre = (size - 1) / 2
     half_diagonal = np.hypot(centre, centre)
     offset = float(np.hypot(ys.mean() - centre, xs.mean() - centre) / half_diagonal)
-    centroids = np.array(ndimage.center_of_mass(foreground, components, kept)).reshape(-1, 2)
-    shape_offset = float(np.hypot(centroids[:, 0] - centre, centroids[:, 1] - centre).mean() / half_diagonal)
+    subject = kept[int(np.argmax([areas[i - 1] for i in kept]))]  # the largest shape (the first of equals)
+    sy, sx = ndimage.center_of_mass(foreground, components, subject)
+    subject_offset = float(np.hypot(sy - centre, sx - centre) / half_diagonal)
     fg_mean = pixels[shape_mask].astype(np.float32).mean(0)
     bg_mean = pixels[~foreground].astype(np.float32).mean(0) if (~foreground).any() else PALETTE[bg_label]
     contrast = float(np.linalg.norm(fg_mean - bg_mean) / MAX_CONTRAST)
-    return Reading(len(kept), size_class, colour, shape, background, texture, float(shape_mask.mean()), offset, contrast, float(np.mean(extents)), shape_offset)
+    return Reading(len(kept), size_class, colour, shape, background, texture, float(shape_mask.mean()), offset, contrast, extents[subject], subject_offset)
 
 
 def fidelity(image: Image.Image, prompt: Prompt | str) -> float:

@@ -5,9 +5,10 @@ fixes none of the three exactly (size is a class with a range, positions and col
 free), so images of one prompt differ in taste, and a reward model can only learn it from what
 the community did. Evaluation uses the same function as the world's judge; training never does.
 
-Size and centring are read per subject (the mean extent of the shapes, the mean distance of
-each shape from the centre), so that clutter does not pass for taste: scattered fragments cover
-much of an image and centre the union's centroid, but each is small and off-centre.
+Size and centring are read from the main subject, the largest shape: its extent and its distance
+from the centre. Clutter does not pass for taste (scattered fragments cover much of an image and
+centre the centroid of them all, but the largest is small and off-centre), and a second or third
+shape that the caption asks for costs nothing.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from .pixels import Reading, read_image
 from .scenes import SIZE_RANGES
 
 TASTE_WEIGHTS = {"size": 0.4, "centred": 0.4, "contrast": 0.2}
-FULL_EXTENT = float(SIZE_RANGES["large"][1])  # a mean shape extent (px at 32 px) at or above this counts as fully large
+FULL_EXTENT = float(SIZE_RANGES["large"][1])  # a subject extent (px at 32 px) at or above this counts as fully large
 
 
 def taste_of_reading(reading: Reading) -> float:
     """Taste in [0, 1] from a :class:`Reading`; an image with no shape scores 0."""
     if reading.count == 0:
         return 0.0
-    size = min(1.0, reading.mean_extent / FULL_EXTENT)
-    centred = max(0.0, 1.0 - reading.mean_shape_offset)
+    size = min(1.0, reading.subject_extent / FULL_EXTENT)
+    centred = max(0.0, 1.0 - reading.subject_offset)
     return TASTE_WEIGHTS["size"] * size + TASTE_WEIGHTS["centred"] * centred + TASTE_WEIGHTS["contrast"] * min(1.0, reading.contrast)
 
 
