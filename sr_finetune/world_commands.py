@@ -30,6 +30,11 @@ def _community(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The options given on the command line; the others keep the training config's defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _train_base(args: argparse.Namespace) -> int:
     from .world.base_model import WorldModelSpec
     from .world.train_base import BaseTrainConfig, export_checkpoint, train_base
@@ -37,11 +42,8 @@ def _train_base(args: argparse.Namespace) -> int:
     if args.export_checkpoint:
         logger.info("pipeline written to %s", export_checkpoint(args.out_dir))
         return 0
-    spec = WorldModelSpec(unet_channels=_ints(args.unet_channels), unet_heads=_ints(args.unet_heads))
-    cfg = BaseTrainConfig(
-        args.out_dir, vae_steps=args.vae_steps, vae_lr=args.vae_lr, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads, spec=spec,
-    )
+    spec = WorldModelSpec(**{name: _ints(value) for name, value in _given(args, "unet_channels", "unet_heads").items()})
+    cfg = BaseTrainConfig(args.out_dir, spec=spec, **_given(args, "vae_steps", "vae_lr", "steps", "batch_size", "lr", "warmup_steps", "checkpoint_every", "seed", "threads"))
     train_base(cfg, resume=args.resume)
     return 0
 
@@ -49,7 +51,7 @@ def _train_base(args: argparse.Namespace) -> int:
 def _train_clip(args: argparse.Namespace) -> int:
     from reward.world_clip import ClipTrainConfig, train_world_clip
 
-    cfg = ClipTrainConfig(args.out_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    cfg = ClipTrainConfig(args.out_dir, **_given(args, "steps", "batch_size", "lr", "seed", "threads"))
     logger.info("world CLIP written to %s", train_world_clip(cfg, resume=args.resume))
     return 0
 
@@ -101,28 +103,29 @@ def add_world_parser(sub: argparse._SubParsersAction) -> None:
 
     base = cmds.add_parser("train-base", help="train the world's base model (VAE, then UNet + text encoder); resumable")
     base.add_argument("out_dir")
-    base.add_argument("--vae-steps", type=int, default=1000)
-    base.add_argument("--vae-lr", type=float, default=1e-3)
-    base.add_argument("--steps", type=int, default=1800)
-    base.add_argument("--batch-size", type=int, default=64)
-    base.add_argument("--lr", type=float, default=6e-4)
-    base.add_argument("--warmup-steps", type=int, default=50)
-    base.add_argument("--unet-channels", default="32,64,64", help="comma-separated block widths")
-    base.add_argument("--unet-heads", default="2,4,4", help="comma-separated attention heads per block")
-    base.add_argument("--checkpoint-every", type=int, default=50)
-    base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on a shared machine)")
+    # options left out keep BaseTrainConfig's / WorldModelSpec's defaults (the recipe of the shipped weights)
+    base.add_argument("--vae-steps", type=int)
+    base.add_argument("--vae-lr", type=float)
+    base.add_argument("--steps", type=int)
+    base.add_argument("--batch-size", type=int)
+    base.add_argument("--lr", type=float)
+    base.add_argument("--warmup-steps", type=int)
+    base.add_argument("--unet-channels", help="comma-separated block widths (default: WorldModelSpec's, 32,64,64)")
+    base.add_argument("--unet-heads", help="comma-separated attention heads per block (default: WorldModelSpec's, 2,4,4)")
+    base.add_argument("--checkpoint-every", type=int)
+    base.add_argument("--seed", type=int)
+    base.add_argument("--threads", type=int, help="torch CPU threads (default 0: torch's default; 1 on a shared machine)")
     base.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT_DIR")
     base.add_argument("--export-checkpoint", action="store_true", help="write OUT_DIR/model from the latest checkpoint and exit")
     base.set_defaults(func=_train_base)
 
     clip = cmds.add_parser("train-clip", help="train the world CLIP (OpenAI layout) contrastively on world captions; resumable")
     clip.add_argument("out_dir")
-    clip.add_argument("--steps", type=int, default=600)
-    clip.add_argument("--batch-size", type=int, default=64)
-    clip.add_argument("--lr", type=float, default=1e-3)
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--threads", type=int, default=0)
+    clip.add_argument("--steps", type=int)  # numeric options default to ClipTrainConfig's
+    clip.add_argument("--batch-size", type=int)
+    clip.add_argument("--lr", type=float)
+    clip.add_argument("--seed", type=int)
+    clip.add_argument("--threads", type=int)
     clip.add_argument("--resume", action="store_true")
     clip.set_defaults(func=_train_clip)
 
