@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
+CONTROL_ARM = "random"  # pairs with random roles: fine-tuning on the pool without the reward's direction
 TARGETS = {"judge_win_rate": 0.65, "judge_ci_low": 0.5, "fidelity_drop_points": 5.0, "reward_accuracy": 0.80}
 
 
@@ -69,6 +70,16 @@ def arms_versus(scores: "pd.DataFrame", reference: str, others: list[str]) -> di
     return {r.model: {"versus": reference, "judge_win_rate": r.win_rate, "ci_low": r.ci_low, "ci_high": r.ci_high, "tie_rate": r.tie_rate, "pairs": r.n} for r in rows.itertuples()}
 
 
+def comparisons(arms: list[str]) -> list[tuple[str, list[str]]]:
+    """(reference arm, arms compared with it): every arm against the first (the paper's recipe),
+    and every arm against the control arm when it runs."""
+    control = CONTROL_ARM if CONTROL_ARM in arms[1:] else None
+    pairs = [(arms[0], [a for a in arms[1:] if a != control])]
+    if control:
+        pairs.append((control, [a for a in arms if a != control]))
+    return [(reference, others) for reference, others in pairs if others]
+
+
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     """(description, passed) for each target, for one fine-tuned model."""
     reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
@@ -110,8 +121,10 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
         )
     lines += ["", "`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
     for name, v in (versus or {}).items():
-        lines.append(f"- {name} vs {v['versus']} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
-    if versus:
+        lines.append(f"- {name} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
+    if CONTROL_ARM in arms:
+        lines.append(f"- `{CONTROL_ARM}`: two images of each prompt drawn at random take the roles: what fine-tuning on the pool does without the reward's direction")
+    if versus or CONTROL_ARM in arms:
         lines.append("")
     for arm in arms[:1]:  # the targets are the paper's recipe's; the other arms are compared with it above
         if arm in models:
@@ -134,7 +147,11 @@ def write_summary(demo) -> Path:
     pool_scores = demo.output_dir("score") / "scores.parquet"
     scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
     pool = pool_selection(scores) if scores is not None and JUDGE in scores and REWARD in scores else None
-    versus = arms_versus(pd.read_parquet(evaluation / "scores.parquet"), arms[0], arms[1:]) if len(arms) > 1 else {}
+    versus = {}
+    if len(arms) > 1:
+        eval_scores = pd.read_parquet(evaluation / "scores.parquet")
+        for reference, others in comparisons(arms):
+            versus.update({f"{name} vs {reference}": row for name, row in arms_versus(eval_scores, reference, others).items()})
     data = {"versus": versus, "accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arms[0]: dict(checks(models[arms[0]], accuracy))}, "stages": stages, "pool": pool}
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
@@ -142,4 +159,4 @@ def write_summary(demo) -> Path:
     return path
 
 
-__all__ = ["TARGETS", "accuracy_rows", "arms_versus", "checks", "model_rows", "pool_selection", "summary_markdown", "write_summary"]
+__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "model_rows", "pool_selection", "summary_markdown", "write_summary"]

@@ -79,6 +79,9 @@ class PairsConfig:
     # Ablation: the worst image of a prompt becomes "chosen" and the best "rejected" (a sanity
     # check of the whole loop: a model tuned on swapped pairs should move against the reward).
     swap_chosen_rejected: bool = False
+    # Its control: two images of each prompt drawn at random (seeded, by image_id) take the roles,
+    # so a fine-tune on them shows what tuning on the pool does without the reward's direction.
+    random_roles: bool = False
     min_images_per_prompt: int = 2
     # HPS v1 confidence filter (None = off; HPS v1 used 2): keep the best image only if its
     # softmax(scores / T) probability within its prompt is > k/N, the worst only if its
@@ -106,6 +109,8 @@ class PairsConfig:
         require(bool(self.reward_column), "reward_column", "must name a scores column")
         require(self.min_images_per_prompt >= 2, "min_images_per_prompt", f"must be >= 2 (chosen and rejected are different images), got {self.min_images_per_prompt}")
         require(self.confidence_k is None or self.confidence_k > 0, "confidence_k", f"must be positive or null, got {self.confidence_k}")
+        require(not (self.random_roles and self.swap_chosen_rejected), "random_roles", "and swap_chosen_rejected are two ablations; set one")
+        require(not (self.random_roles and self.confidence_k is not None), "random_roles", "ignores the scores, so the confidence filter (confidence_k) cannot apply; set confidence_k: null")
         require(self.confidence_temperature > 0, "confidence_temperature", f"must be positive, got {self.confidence_temperature}")
         require(self.max_rejected_ratio is None or self.max_rejected_ratio >= 0, "max_rejected_ratio", f"must be >= 0 or null, got {self.max_rejected_ratio}")
         require(0 <= self.regularization_share < 1, "regularization_share", f"must be in [0, 1), got {self.regularization_share}")
@@ -140,7 +145,8 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     """One row per usable prompt: its best and worst valid image, with confidence flags; plus skip counts.
 
     Images rank by score (high first), ties by ``image_id`` (smaller first): chosen is the first
-    image of that order, rejected the last, so they always differ.
+    image of that order, rejected the last, so they always differ. With ``random_roles`` they rank
+    by a hash of ``image_id`` and the seed instead, which no input order changes.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -199,7 +205,8 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
 
     # One sort: prompt, then score descending, then image_id ascending (rank of the string).
     id_rank = pc.rank(manifest_ids.take(pa.array(pos)), sort_keys="ascending", tiebreaker="min").to_numpy(zero_copy_only=False)
-    order = np.lexsort((id_rank, -values, group))
+    rank_key = _random_key(manifest_ids.take(pa.array(pos)), cfg.seed) if cfg.random_roles else -values
+    order = np.lexsort((id_rank, rank_key, group))
     pos, values, group = pos[order], values[order], group[order]
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(group)][: len(starts)] - 1
@@ -245,6 +252,12 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     if cfg.swap_chosen_rejected:
         per_prompt = per_prompt.rename(columns=_swapped_role)
     return per_prompt, skipped
+
+
+def _random_key(image_ids, seed: int) -> np.ndarray:
+    """A seeded pseudo-random number per image, from its id alone (the same on every machine)."""
+    ids = pd.Series(image_ids.to_pandas(), dtype=str) + f"#{seed}"
+    return pd.util.hash_pandas_object(ids, index=False).to_numpy()
 
 
 def _swapped_role(column: str) -> str:
@@ -511,6 +524,8 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
     start = time.perf_counter()
     if cfg.swap_chosen_rejected:
         logger.warning("build-pairs: swap_chosen_rejected=true (ablation): each prompt's worst image is chosen, its best rejected")
+    if cfg.random_roles:
+        logger.warning("build-pairs: random_roles=true (control): two images of each prompt drawn at random are chosen and rejected; the scores are not used")
     manifest = read_generations(cfg.generations)
     scores = read_scores_table(cfg.scores, cfg.reward_column)
     per_prompt, skipped = best_and_worst(manifest, scores, cfg, sources=(str(Path(cfg.generations) / "manifest.parquet"), str(cfg.scores)))

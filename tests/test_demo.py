@@ -90,7 +90,7 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     assert (out / "eval" / "report.html").is_file() and (out / "summary.md").is_file()
     data = json.loads((out / "demo.json").read_text())
     sft, swapped = data["models"]["sft"], data["models"]["swapped"]
-    assert data["versus"]["swapped"]["versus"] == "sft" and data["versus"]["swapped"]["judge_win_rate"] < 0.5
+    assert data["versus"]["swapped vs sft"]["versus"] == "sft" and data["versus"]["swapped vs sft"]["judge_win_rate"] < 0.5
     assert sft["world_judge"] > swapped["world_judge"] and sft["social_reward"] > swapped["social_reward"]
     assert data["pool"]["chosen_preferred"] > 0.5  # the reward's chosen image is the judge's better one
     assert set(data["accuracy"]) == {"social_reward", "clip", "world_judge"}
@@ -123,6 +123,16 @@ def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
             rows.append({"model": model, "prompt_set": "held_out", "prompt_id": f"p{i // 2}", "index": i % 2, "world_judge": value})
     got = arms_versus(pd.DataFrame(rows), "sft", ["swapped"])["swapped"]
     assert (got["versus"], got["pairs"], got["judge_win_rate"], got["tie_rate"]) == ("sft", 4, 0.25, 0.25)
+
+
+def test_arms_are_compared_with_the_papers_recipe_and_with_the_random_roles_control():
+    from sr_finetune.demo_summary import comparisons
+
+    assert comparisons(["sft"]) == []
+    assert comparisons(["sft", "swapped", "dpo"]) == [("sft", ["swapped", "dpo"])]
+    assert comparisons(["sft", "swapped", "random"]) == [("sft", ["swapped"]), ("random", ["sft", "swapped"])]
+    assert comparisons(["sft", "random"]) == [("random", ["sft"])]
+    assert comparisons(["random", "swapped"]) == [("random", ["swapped"])]
 
 
 class _FakeStage:

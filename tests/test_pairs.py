@@ -80,6 +80,25 @@ def test_swap_chosen_rejected_trains_the_worst_image_as_chosen_and_tags_the_best
     }  # fmt: skip
 
 
+def test_random_roles_draw_two_distinct_images_per_prompt_whatever_the_scores_and_row_order():
+    scores_by_prompt = {f"p{i}": [float(j) for j in range(6)] for i in range(40)}
+    manifest, scores = manifest_and_scores(scores_by_prompt)
+    cfg = PairsConfig(random_roles=True)
+    pairs, _ = select_pairs(manifest, scores, cfg, check_files=False)
+    again, _ = select_pairs(manifest.iloc[::-1], scores.sample(frac=1.0, random_state=3), cfg, check_files=False)
+    assert again.sort_values(["prompt_id", "role"]).image_id.tolist() == pairs.sort_values(["prompt_id", "role"]).image_id.tolist()
+    picked = pairs.pivot(index="prompt_id", columns="role", values="score")
+    assert len(picked) == 40 and (picked.chosen != picked.rejected).all()
+    assert 0.3 < (picked.chosen > picked.rejected).mean() < 0.7  # the scores give the roles no direction
+    assert (picked.chosen != 5.0).sum() > 10 and (picked.rejected != 0.0).sum() > 10  # not the best and worst
+    reseeded, _ = select_pairs(manifest, scores, PairsConfig(random_roles=True, seed=1), check_files=False)
+    assert reseeded.image_id.tolist() != pairs.image_id.tolist()
+    with pytest.raises(ValueError, match="random_roles"):
+        PairsConfig(random_roles=True, swap_chosen_rejected=True).validate()
+    with pytest.raises(ValueError, match="confidence_k: null"):
+        PairsConfig(random_roles=True, confidence_k=2).validate()
+
+
 def test_rejected_text_carries_the_negative_token_in_the_configured_format():
     manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
     pairs, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
