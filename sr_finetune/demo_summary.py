@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
 CONTROL_ARM = "random"  # pairs with random roles: fine-tuning on the pool without the reward's direction
+DIRECTION = {"sft": True, "swapped": False}  # arm -> should it beat the control on the judge (CI clear of 50%)
 TARGETS = {"judge_win_rate": 0.65, "judge_ci_low": 0.5, "fidelity_drop_points": 5.0, "reward_accuracy": 0.80}
 
 
@@ -93,6 +94,28 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     ]
 
 
+def direction_checks(versus: dict[str, dict]) -> list[tuple[str, bool]]:
+    """(description, passed): the paper's recipe beats the control and the swapped ablation loses
+    to it, each with the 95% CI clear of 50%; arms that did not run are left out."""
+    rows = []
+    for arm, should_win in DIRECTION.items():
+        v = versus.get(f"{arm} vs {CONTROL_ARM}")
+        if v is None:
+            continue
+        ci = f"{_pct(v['judge_win_rate'])}, CI {_pct(v['ci_low'])} – {_pct(v['ci_high'])}"
+        if should_win:
+            rows.append((f"{arm} beats {CONTROL_ARM} on the judge ({ci}; CI low > 50%)", v["ci_low"] > 0.5))
+        else:
+            rows.append((f"{arm} loses to {CONTROL_ARM} on the judge ({ci}; CI high < 50%)", v["ci_high"] < 0.5))
+    return rows
+
+
+def stages_of_run(done: dict[str, dict], arms: list[str]) -> dict[str, dict]:
+    """The finished stages this run used: the world, the shared stages and its arms' (a folder
+    also keeps the stages of arms that an earlier run fine-tuned)."""
+    return {key: stage for key, stage in done.items() if key.startswith("world:") or ":" not in key or key.split(":", 1)[1] in arms}
+
+
 def timing_markdown(stages: dict[str, dict]) -> list[str]:
     """Seconds per stage as they ran (a stage finished in an earlier run keeps its first time)."""
     seconds: dict[str, float] = {}
@@ -129,6 +152,9 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
     for arm in arms[:1]:  # the targets are the paper's recipe's; the other arms are compared with it above
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(models[arm], accuracy)] + [""]
+    direction = direction_checks(versus or {})
+    if direction:
+        lines += ["## The reward's direction (against the control)", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in direction] + [""]
     if stages:
         lines += timing_markdown(stages)
     return "\n".join(lines)
@@ -143,7 +169,7 @@ def write_summary(demo) -> Path:
     results = json.loads((evaluation / "results.json").read_text())
     models = model_rows(results)
     arms = list(demo.cfg.arms)
-    stages = demo.state.done
+    stages = stages_of_run(demo.state.done, arms)
     pool_scores = demo.output_dir("score") / "scores.parquet"
     scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
     pool = pool_selection(scores) if scores is not None and JUDGE in scores and REWARD in scores else None
@@ -152,11 +178,11 @@ def write_summary(demo) -> Path:
         eval_scores = pd.read_parquet(evaluation / "scores.parquet")
         for reference, others in comparisons(arms):
             versus.update({f"{name} vs {reference}": row for name, row in arms_versus(eval_scores, reference, others).items()})
-    data = {"versus": versus, "accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arms[0]: dict(checks(models[arms[0]], accuracy))}, "stages": stages, "pool": pool}
+    data = {"versus": versus, "accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arms[0]: dict(checks(models[arms[0]], accuracy)), "direction": dict(direction_checks(versus))}, "stages": stages, "pool": pool}
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
     path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus))
     return path
 
 
-__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "model_rows", "pool_selection", "summary_markdown", "write_summary"]
+__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "write_summary"]

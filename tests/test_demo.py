@@ -135,6 +135,27 @@ def test_arms_are_compared_with_the_papers_recipe_and_with_the_random_roles_cont
     assert comparisons(["random", "swapped"]) == [("random", ["swapped"])]
 
 
+def test_direction_checks_want_sft_above_and_swapped_below_the_control_with_the_ci_clear_of_half():
+    from sr_finetune.demo_summary import direction_checks
+
+    def row(rate, low, high):
+        return {"judge_win_rate": rate, "ci_low": low, "ci_high": high}
+
+    versus = {"sft vs random": row(0.57, 0.513, 0.627), "swapped vs random": row(0.32, 0.26, 0.377), "swapped vs sft": row(0.2, 0.1, 0.3)}
+    got = direction_checks(versus)
+    assert [ok for _, ok in got] == [True, True] and got[0][0].startswith("sft beats random") and got[1][0].startswith("swapped loses to random")
+    versus = {"sft vs random": row(0.55, 0.49, 0.61), "swapped vs random": row(0.45, 0.40, 0.51)}
+    assert [ok for _, ok in direction_checks(versus)] == [False, False]
+    assert direction_checks({"swapped vs sft": row(0.2, 0.1, 0.3)}) == []  # no control arm ran
+
+
+def test_the_summary_times_only_the_stages_of_this_run():
+    from sr_finetune.demo_summary import stages_of_run
+
+    done = {k: {"seconds": 1.0} for k in ("world:community", "curate", "build-pairs:sft", "finetune:sft", "build-pairs:dpo", "finetune:dpo", "evaluate")}
+    assert list(stages_of_run(done, ["sft"])) == ["world:community", "curate", "build-pairs:sft", "finetune:sft", "evaluate"]
+
+
 class _FakeStage:
     """Stands in for a library stage: records its key and whether its output folder was empty."""
 
