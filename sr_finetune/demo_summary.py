@@ -126,6 +126,10 @@ def timing_markdown(stages: dict[str, dict]) -> list[str]:
     return ["## Time per stage", "", " · ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f" · **total {total / 60:.1f} min**", ""]
 
 
+def _checklist(items: list[tuple[str, bool]]) -> list[str]:
+    return [f"- [{'x' if ok else ' '}] {text}" for text, ok in items] + [""]
+
+
 def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None, versus: dict | None = None) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
@@ -151,10 +155,10 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
         lines.append("")
     for arm in arms[:1]:  # the targets are the paper's recipe's; the other arms are compared with it above
         if arm in models:
-            lines += [f"## Targets ({arm})", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(models[arm], accuracy)] + [""]
+            lines += [f"## Targets ({arm})", ""] + _checklist(checks(models[arm], accuracy))
     direction = direction_checks(versus or {})
     if direction:
-        lines += ["## The reward's direction (against the control)", ""] + [f"- [{'x' if ok else ' '}] {text}" for text, ok in direction] + [""]
+        lines += ["## The reward's direction (against the control)", ""] + _checklist(direction)
     if stages:
         lines += timing_markdown(stages)
     return "\n".join(lines)

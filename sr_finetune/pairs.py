@@ -204,8 +204,9 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     pos, values, group = pos[enough], values[enough], group[enough]
 
     # One sort: prompt, then score descending, then image_id ascending (rank of the string).
-    id_rank = pc.rank(manifest_ids.take(pa.array(pos)), sort_keys="ascending", tiebreaker="min").to_numpy(zero_copy_only=False)
-    rank_key = _random_key(manifest_ids.take(pa.array(pos)), cfg.seed) if cfg.random_roles else -values
+    kept_ids = manifest_ids.take(pa.array(pos))
+    id_rank = pc.rank(kept_ids, sort_keys="ascending", tiebreaker="min").to_numpy(zero_copy_only=False)
+    rank_key = _random_key(kept_ids, cfg.seed) if cfg.random_roles else -values
     order = np.lexsort((id_rank, rank_key, group))
     pos, values, group = pos[order], values[order], group[order]
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, dtype=np.int64)
