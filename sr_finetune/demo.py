@@ -46,7 +46,7 @@ class DemoConfig:
     regularization_images: int = 1000  # captioned true renders, the LAION share of the paper
     arms: list[str] = field(default_factory=lambda: ["sft"])  # which arm_presets to fine-tune and evaluate
     arm_presets: dict[str, list[str]] = field(default_factory=lambda: {"sft": []})  # name -> pairs./finetune. overrides
-    without_negative_token: bool = True  # also evaluate each arm without the negative prompt at inference
+    without_negative_token: bool = False  # true: also evaluate each arm without the negative prompt at inference
     quick: list[str] = field(default_factory=list)  # overrides that --quick applies (smaller sizes)
     seed: int = 0
 

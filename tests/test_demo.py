@@ -54,8 +54,9 @@ def test_quick_sizes_apply_first_and_user_overrides_win(tmp_path):
     demo = Demo(None, [f"demo.out_dir={tmp_path}", "demo.pool_prompts=7"], quick=True, arms=["sft", "swapped"])
     assert demo.cfg.pool_prompts == 7 and demo.cfg.eval_prompts == 40 and demo.cfg.arms == ["sft", "swapped"]
     assert demo.arm_overrides("swapped")[-1] == "pairs.swap_chosen_rejected=true"
-    entries = demo.evaluate_overrides()
-    assert f"evaluate.finetuned.swapped-no-neg.path={tmp_path / 'arms' / 'swapped' / 'finetune'}" in entries
+    assert demo.evaluate_overrides() == [f"evaluate.finetuned.{arm}.path={tmp_path / 'arms' / arm / 'finetune'}" for arm in ("sft", "swapped")]
+    entries = Demo(None, [f"demo.out_dir={tmp_path}", "demo.without_negative_token=true"], quick=True).evaluate_overrides()
+    assert f"evaluate.finetuned.sft-no-neg.path={tmp_path / 'arms' / 'sft' / 'finetune'}" in entries
     assert "evaluate.finetuned.sft-no-neg.negative_prompt=null" in entries
 
 
@@ -86,7 +87,7 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     Against the base the quick sizes are too small to show the effect reliably: the full demo's
     numbers are in the README."""
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--arms", "sft,swapped", "--out", str(out), "demo.without_negative_token=false"]) == 0
+    assert main(["demo", "--quick", "--arms", "sft,swapped", "--out", str(out)]) == 0
     assert (out / "eval" / "report.html").is_file() and (out / "summary.md").is_file()
     data = json.loads((out / "demo.json").read_text())
     sft, swapped = data["models"]["sft"], data["models"]["swapped"]
@@ -97,7 +98,7 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     assert set(data["models"]) == {"sft", "swapped"}
     caplog.clear()
     with caplog.at_level("INFO", logger="sr_finetune"):
-        assert main(["demo", "--quick", "--arms", "sft,swapped", "--out", str(out), "demo.without_negative_token=false"]) == 0
+        assert main(["demo", "--quick", "--arms", "sft,swapped", "--out", str(out)]) == 0
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().endswith("finished earlier, skipped")]
     assert len(skipped) == 10  # curate, train-reward, accuracy, generate, score, build-pairs and finetune per arm, evaluate
 

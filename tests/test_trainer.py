@@ -86,6 +86,32 @@ def test_frozen_text_encoder_is_saved_unchanged(tiny_sd, finetune_set, tmp_path)
     assert_changed(unet_weights(out), unet_weights(tiny_sd))
 
 
+def test_with_a_frozen_text_encoder_emptied_rows_take_the_cached_embedding_of_the_empty_caption(tiny_sd, finetune_set, tmp_path, monkeypatch):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sr_finetune.training import trainer
+
+    seen = {}
+
+    class Recording(trainer.FinetuneDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["dataset"] = self
+
+    monkeypatch.setattr(trainer, "FinetuneDataset", Recording)
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, tmp_path / "ft", train_text_encoder=False, empty_prompt_share=0.5))
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
+    ids = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")(ids)[0][0]
+    dataset = seen["dataset"]
+    torch.testing.assert_close(dataset.empty_prompt_embeds, want, rtol=0, atol=1e-6)
+    items = dataset.__getitems__([(0, i) for i in range(len(dataset))])
+    emptied = dataset.emptied([(0, i) for i in range(len(dataset))])
+    assert any(emptied) and not all(emptied)
+    assert all(torch.equal(item["prompt_embeds"], dataset.empty_prompt_embeds) == gone for item, gone in zip(items, emptied))
+
+
 def test_validation_images_are_written_and_logged_with_ema_swapped_back_out(tiny_sd, finetune_set, tmp_path, monkeypatch):
     out = tmp_path / "ft"
     real_log_validation = trainer_module.log_validation
@@ -248,6 +274,7 @@ def test_two_processes_train_one_model(tiny_sd, finetune_set, tmp_path):
         ("push_to_hub=true hub_model_id=me/tiny--sr", "hub_model_id: 'me/tiny--sr' is not a hub repo id"),
         ("optimizer=sgd", "optimizer: must be one of"),
         ("prediction_type=sample", "prediction_type: must be one of"),
+        ("empty_prompt_share=1.0", "empty_prompt_share: must be in"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(override, message):
@@ -314,6 +341,42 @@ def test_batched_fetch_reads_cached_arrays_exactly_as_datasets_does(tmp_path):
         assert item["prompt_id"] == row["prompt_id"] and item["role"] == "chosen"
         flips.append(flip)
     assert any(flips) and not all(flips)
+
+
+def test_empty_prompt_share_empties_a_seeded_share_of_captions_or_their_cached_embeddings(tmp_path):
+    from datasets import Array2D, Array3D, Dataset, Features, Value
+
+    from sr_finetune.training.data import FinetuneDataset, derive_seed
+
+    class Tokenizer:  # one id per caption, its length: what the dataset tokenized, row by row
+        model_max_length = 1
+
+        def __call__(self, texts, **kwargs):
+            return type("Encoded", (), {"input_ids": torch.tensor([[len(t)] for t in texts])})
+
+    n = 400
+    rows = {"text": [f"caption {i:03d}" for i in range(n)], "role": ["chosen"] * n, "prompt_id": [str(i) for i in range(n)]}
+    arrays = {"latent_mean": Array3D(shape=(1, 1, 1), dtype="float32"), "latent_logvar": Array3D(shape=(1, 1, 1), dtype="float32"), "prompt_embeds": Array2D(shape=(1, 2), dtype="float32")}
+    embeds = np.arange(n * 2, dtype="float32").reshape(n, 1, 2) + 1
+    values = {"latent_mean": np.zeros((n, 1, 1, 1), "float32"), "latent_logvar": np.zeros((n, 1, 1, 1), "float32"), "prompt_embeds": embeds}
+    features = Features({"text": Value("string"), "role": Value("string"), "prompt_id": Value("string"), **arrays})
+    Dataset.from_dict({**rows, **values}, features=features).save_to_disk(str(tmp_path / "cached"))
+    cached = Dataset.load_from_disk(str(tmp_path / "cached"))
+    keys = [(2, i) for i in range(n)]
+    expected = [bool(torch.rand(1, generator=torch.Generator().manual_seed(derive_seed(7, "empty-prompt", 2, i))) < 0.25) for i in range(n)]
+    assert 0.18 < np.mean(expected) < 0.32
+
+    texts = FinetuneDataset(cached.remove_columns("prompt_embeds"), Tokenizer(), 4, True, False, seed=7, empty_prompt_share=0.25)
+    assert texts.emptied(keys) == expected  # seeded per (epoch, row): a resume empties the same rows
+    assert texts.emptied([(3, i) for i in range(n)]) != expected  # another epoch, another draw
+    ids = [int(item["input_ids"][0]) for item in texts.__getitems__(keys)]
+    assert ids == [0 if gone else len(rows["text"][i]) for i, gone in enumerate(expected)]
+    assert FinetuneDataset(cached, Tokenizer(), 4, True, False, seed=7).emptied(keys) == [False] * n
+
+    empty = torch.tensor([[-1.0, -1.0]])
+    with_cache = FinetuneDataset(cached, None, 4, True, False, seed=7, empty_prompt_share=0.25, empty_prompt_embeds=empty)
+    for (_, index), item, gone in zip(keys, with_cache.__getitems__(keys), expected):
+        assert torch.equal(item["prompt_embeds"], empty if gone else torch.from_numpy(embeds[index]))
 
 
 def test_compiled_models_under_accelerate_dynamo_train_checkpoint_resume_and_save(tiny_sd, finetune_set, tmp_path, monkeypatch):

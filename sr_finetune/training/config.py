@@ -61,6 +61,9 @@ class FinetuneConfig:
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
+    # share of training rows whose caption is replaced by the empty one (diffusers' proportion_empty_prompts):
+    # the unconditional branch that classifier-free guidance subtracts learns from the same images
+    empty_prompt_share: float = 0.0
     cache_latents: bool = True  # the VAE is always frozen: encode each image once, sample each step
     cache_text_embeddings: bool = True  # only when the text encoder is frozen
     dataloader_num_workers: int = 4
@@ -140,3 +143,4 @@ class FinetuneConfig:
             problem = repo_id_problem(self.hub_model_id)
             require(problem is None, "hub_model_id", f"'{self.hub_model_id}' is not a hub repo id: {problem}")
         require(bool(self.negative_token.strip()), "negative_token", "must not be empty")
+        require(0.0 <= self.empty_prompt_share < 1.0, "empty_prompt_share", f"must be in [0, 1), got {self.empty_prompt_share}")

@@ -123,8 +123,13 @@ class FinetuneDataset(torch.utils.data.Dataset):
     tokenizer call per batch instead of one per row, and cached arrays straight from arrow.
     """
 
-    def __init__(self, table, tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+    def __init__(
+        self, table, tokenizer, resolution: int, center_crop: bool, random_flip: bool, seed: int,
+        empty_prompt_share: float = 0.0, empty_prompt_embeds: torch.Tensor | None = None,
+    ):  # fmt: skip
         self.table = table
+        self.empty_prompt_share = empty_prompt_share
+        self.empty_prompt_embeds = empty_prompt_embeds  # the empty caption's cached embedding (text cache only)
         self.arrays = FixedShapeColumns(table)
         self.rest = table.remove_columns(self.arrays.names) if self.arrays.names else table
         self.tokenizer = tokenizer
@@ -159,13 +164,23 @@ class FinetuneDataset(torch.utils.data.Dataset):
             columns["pixel_values"] = [
                 preprocess_image(image, self.resolution, self.center_crop, flip, g) for image, flip, g in zip(rows["image"], flips, generators)
             ]
+        emptied = self.emptied(augment_keys or keys)
         if "prompt_embeds" in rows:
-            columns["prompt_embeds"] = rows["prompt_embeds"]
+            columns["prompt_embeds"] = [self.empty_prompt_embeds if empty else embeds for embeds, empty in zip(rows["prompt_embeds"], emptied)]
         else:
-            columns["input_ids"] = tokenize(self.tokenizer, list(rows["text"]))
+            columns["input_ids"] = tokenize(self.tokenizer, ["" if empty else text for text, empty in zip(rows["text"], emptied)])
         columns["prompt_id"] = [str(p) for p in rows["prompt_id"]]
         columns["role"] = rows["role"]
         return [{name: values[i] for name, values in columns.items()} for i in range(len(keys))]
+
+
+    def emptied(self, keys: list[tuple[int, int]]) -> list[bool]:
+        """Which of ``keys`` train on the empty caption this epoch: ``empty_prompt_share`` of them, by a
+        draw seeded per (epoch, row), so a resumed run empties the same rows."""
+        if self.empty_prompt_share <= 0:
+            return [False] * len(keys)
+        draws = [torch.rand(1, generator=torch.Generator().manual_seed(derive_seed(self.seed, "empty-prompt", epoch, index))) for epoch, index in keys]
+        return [bool(draw < self.empty_prompt_share) for draw in draws]
 
 
 class FixedShapeColumns:
