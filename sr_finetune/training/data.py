@@ -173,7 +173,6 @@ class FinetuneDataset(torch.utils.data.Dataset):
         columns["role"] = rows["role"]
         return [{name: values[i] for name, values in columns.items()} for i in range(len(keys))]
 
-
     def emptied(self, keys: list[tuple[int, int]]) -> list[bool]:
         """Which of ``keys`` train on the empty caption this epoch: ``empty_prompt_share`` of them, by a
         draw seeded per (epoch, row), so a resumed run empties the same rows."""
