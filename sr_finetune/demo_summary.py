@@ -146,7 +146,9 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
             f"| {name} | {_pct(r['judge_win_rate'])} | {_pct(r['judge_ci_low'])} – {_pct(r['judge_ci_high'])} | {r[JUDGE]:.3f} ({r[JUDGE + '_base']:.3f}) "
             f"| {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |"
         )
-    lines += ["", "`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
+    lines.append("")
+    if any(name.endswith("-no-neg") for name in models):
+        lines += ["`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
     for name, v in (versus or {}).items():
         lines.append(f"- {name} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
     if CONTROL_ARM in arms:

@@ -69,6 +69,15 @@ def _results(judge_win: float, ci_low: float, reward: tuple[float, float], fid: 
     return {"baseline": "base", "models": {"base": {}, "sft": {}}, "means": means, "win_rates": wins}
 
 
+def test_the_summary_explains_no_neg_rows_only_when_there_are_some():
+    from sr_finetune.demo_summary import summary_markdown
+
+    row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
+    accuracy = {name: {"accuracy": 0.85, "ci_low": 0.8, "ci_high": 0.9} for name in ("social_reward", "clip")}
+    assert "`<arm>-no-neg`" not in summary_markdown(accuracy, {"sft": row}, "report.html", ["sft"])
+    assert "`<arm>-no-neg`" in summary_markdown(accuracy, {"sft": row, "sft-no-neg": row}, "report.html", ["sft"])
+
+
 def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
     accuracy = {"social_reward": {"accuracy": 0.85}, "clip": {"accuracy": 0.6}}
     row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
@@ -88,7 +97,7 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     numbers are in the README."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--arms", "sft,swapped", "--out", str(out)]) == 0
-    assert (out / "eval" / "report.html").is_file() and (out / "summary.md").is_file()
+    assert (out / "eval" / "report.html").is_file() and "-no-neg" not in (out / "summary.md").read_text()  # opt-in
     data = json.loads((out / "demo.json").read_text())
     sft, swapped = data["models"]["sft"], data["models"]["swapped"]
     assert data["versus"]["swapped vs sft"]["versus"] == "sft" and data["versus"]["swapped vs sft"]["judge_win_rate"] < 0.5
