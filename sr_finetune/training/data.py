@@ -92,6 +92,12 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
 
 
+@torch.no_grad()
+def encode_texts(text_encoder, tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
+    """The frozen text encoder's embeddings of ``texts`` (fp32, on the CPU): what the text cache holds."""
+    return text_encoder(tokenize(tokenizer, texts).to(device))[0].float().cpu()
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation of the rows per epoch, yielding ``(epoch, row)`` keys.
 
@@ -130,6 +136,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
         self.table = table
         self.empty_prompt_share = empty_prompt_share
         self.empty_prompt_embeds = empty_prompt_embeds  # the empty caption's cached embedding (text cache only)
+        if empty_prompt_share > 0 and "prompt_embeds" in table.column_names and empty_prompt_embeds is None:
+            raise ValueError("FinetuneDataset: cached text embeddings with empty_prompt_share > 0 need empty_prompt_embeds")
         self.arrays = FixedShapeColumns(table)
         self.rest = table.remove_columns(self.arrays.names) if self.arrays.names else table
         self.tokenizer = tokenizer
@@ -290,8 +298,7 @@ def build_cached_table(table, *, accelerator, vae, text_encoder, tokenizer, cfg,
             if cfg.random_flip:
                 out["latent_mean_flipped"], out["latent_logvar_flipped"] = mean[n:], logvar[n:]
         if cache_text:
-            ids = tokenize(tokenizer, rows["text"]).to(device)
-            out["prompt_embeds"] = text_encoder(ids)[0].float().cpu().numpy()
+            out["prompt_embeds"] = encode_texts(text_encoder, tokenizer, rows["text"], device).numpy()
         return out
 
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from ..progress import progress as progress_bar
 from ..progress import quiet_library_bars
 from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from .config import FinetuneConfig
-from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, load_finetune_table, role_counts, tokenize
+from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, encode_texts, load_finetune_table, role_counts
 from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
 from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
 from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
@@ -399,8 +399,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     )
     empty_embeds = None
     if cache_text and cfg.empty_prompt_share > 0:  # the rows that drop their caption take the empty one's embedding
-        with torch.no_grad():
-            empty_embeds = text_encoder(tokenize(tokenizer, [""]).to(device))[0][0].float().cpu()
+        empty_embeds = encode_texts(text_encoder, tokenizer, [""], device)[0]
     dataset = FinetuneDataset(table, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed, cfg.empty_prompt_share, empty_embeds)
     if dpo:
         dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed)
