@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from sr_finetune.errors import UserError
-from sr_finetune.world.pixels import ATTRIBUTES, fidelity, read_image
-from sr_finetune.world.scenes import Prompt, Scene, Shape, all_prompts, parse_caption, prompt_split, render, render_prompt, sample_scene, split_prompts
+from scipy import ndimage
+
+from sr_finetune.world.pixels import ATTRIBUTES, PALETTE, fidelity, palette_labels, read_image
+from sr_finetune.world.scenes import GAP, IMAGE_SIZE, MARGIN, SIZE_RANGES, Prompt, Scene, Shape, _rng, all_prompts, parse_caption, prompt_split, render, render_prompt, sample_scene, split_prompts
 from sr_finetune.world.taste import taste
 
 
@@ -40,6 +42,61 @@ def test_renders_are_deterministic_in_the_seed_and_vary_between_seeds():
     assert a.shape == (32, 32, 3) and np.array_equal(a, b)
     assert not np.array_equal(a, np.asarray(render_prompt(prompt, 8)))
     assert len({sample_scene(prompt, s).shapes for s in range(10)}) == 10
+
+
+def _scene_one_pair_at_a_time(prompt: Prompt, seed: int) -> Scene:
+    """The placement loop written plainly: one candidate position drawn and checked at a time."""
+    rng = _rng(seed, prompt.text)
+    lo, hi = SIZE_RANGES[prompt.size]
+    extents = [int(rng.integers(lo, hi + 1)) for _ in range(prompt.count)]
+    boxes = []
+    while len(boxes) < prompt.count:
+        e = extents[len(boxes)]
+        for _ in range(200):
+            x0, y0 = (int(v) for v in rng.integers(MARGIN, IMAGE_SIZE - MARGIN - e + 1, size=2))
+            if all(x0 + e + GAP <= bx or bx + be + GAP <= x0 or y0 + e + GAP <= by or by + be + GAP <= y0 for bx, by, be in boxes):
+                boxes.append((x0, y0, e))
+                break
+        else:
+            extents, boxes = [max(lo, e - 1) for e in extents], []
+    fg_shift, bg_shift = (int(v) for v in rng.integers(-25, 26, size=2))
+    return Scene(prompt, tuple(Shape(prompt.shape, x0, y0, e) for x0, y0, e in boxes), fg_shift, bg_shift)
+
+
+def test_scenes_are_those_of_the_plain_one_position_at_a_time_loop():
+    prompts = all_prompts()
+    crowded = [p for p in prompts if p.count == 3 and p.size == "large"]  # where placements get rejected and shrink
+    rng = np.random.default_rng(1)
+    cases = [(prompts[int(i)], int(s)) for i, s in zip(rng.integers(len(prompts), size=300), rng.integers(2**62, size=300))]
+    cases += [(p, s) for p in crowded[::4] for s in range(3)]
+    shrunk = 0
+    for prompt, seed in cases:
+        scene = sample_scene(prompt, seed)
+        assert scene == _scene_one_pair_at_a_time(prompt, seed), (prompt.text, seed)
+        boxes = [(s.x0, s.y0, s.extent) for s in scene.shapes]
+        assert all(MARGIN <= x and x + e <= IMAGE_SIZE - MARGIN and MARGIN <= y and y + e <= IMAGE_SIZE - MARGIN for x, y, e in boxes)
+        for i, (ax, ay, ae) in enumerate(boxes):
+            assert all(ax + ae + GAP <= bx or bx + be + GAP <= ax or ay + ae + GAP <= by or by + be + GAP <= ay for bx, by, be in boxes[:i])
+        first_draw = _rng(seed, prompt.text)
+        shrunk += sum(s.extent for s in scene.shapes) < sum(int(first_draw.integers(SIZE_RANGES[prompt.size][0], SIZE_RANGES[prompt.size][1] + 1)) for _ in scene.shapes)
+    assert shrunk > 0  # the no-room branch (shrink and start over) ran too
+
+
+def test_palette_labels_are_the_nearest_palette_colour_of_every_pixel():
+    pixels = np.random.default_rng(0).integers(0, 256, size=(24, 20, 3), dtype=np.uint8)
+    direct = ((pixels[:, :, None, :].astype(np.float32) - PALETTE[None, None]) ** 2).sum(-1).argmin(-1)
+    assert np.array_equal(palette_labels(pixels), direct)
+
+
+def test_the_subject_offset_is_the_largest_shapes_centre_of_mass():
+    image = render_prompt("three small green squares on a purple checkered background", 5)
+    reading = read_image(image)
+    labels = palette_labels(np.asarray(image))
+    foreground = labels != labels[0, 0]
+    components, n = ndimage.label(foreground)
+    largest = 1 + int(np.argmax(ndimage.sum_labels(foreground, components, np.arange(1, n + 1))))
+    sy, sx = ndimage.center_of_mass(foreground, components, largest)
+    assert reading.subject_offset == pytest.approx(np.hypot(sy - 15.5, sx - 15.5) / np.hypot(15.5, 15.5), abs=1e-12)
 
 
 def test_the_pixel_reader_recovers_every_attribute_of_true_renders():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -55,9 +56,20 @@ class Reading:
 
 
 def palette_labels(pixels: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 -> [H, W] index of the nearest palette colour."""
-    d = ((pixels[:, :, None, :].astype(np.float32) - PALETTE[None, None]) ** 2).sum(-1)
-    return d.argmin(-1)
+    """[H, W, 3] uint8 -> [H, W] index of the nearest palette colour (computed once per distinct colour)."""
+    rgb = pixels.reshape(-1, 3).astype(np.int32)
+    colours, inverse = np.unique((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2], return_inverse=True)
+    distinct = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=-1).astype(np.float32)
+    nearest = ((distinct[:, None, :] - PALETTE[None]) ** 2).sum(-1).argmin(-1)
+    return nearest[inverse.reshape(-1)].reshape(pixels.shape[:2])
+
+
+@lru_cache(maxsize=8)
+def _texture_patterns(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The striped and checkered +-1 patterns the renderer uses at ``size`` px."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cell = max(1, size // 8)
+    return np.where((yy // cell) % 2 == 0, 1.0, -1.0), np.where(((yy // cell) + (xx // cell)) % 2 == 0, 1.0, -1.0)
 
 
 def _texture(brightness: np.ndarray, background: np.ndarray) -> str:
@@ -65,10 +77,7 @@ def _texture(brightness: np.ndarray, background: np.ndarray) -> str:
     values = brightness[background]
     if values.size < 16 or values.std() < 4:
         return "plain"
-    yy, xx = np.mgrid[0:size, 0:size]
-    cell = max(1, size // 8)
-    striped = np.where((yy // cell) % 2 == 0, 1.0, -1.0)
-    checkered = np.where(((yy // cell) + (xx // cell)) % 2 == 0, 1.0, -1.0)
+    striped, checkered = _texture_patterns(size)
     centred = values - values.mean()
     scores = {name: abs(float((centred * t[background]).mean())) for name, t in (("striped", striped), ("checkered", checkered))}
     best = max(scores, key=scores.get)
@@ -85,9 +94,11 @@ def read_image(image: Image.Image) -> Reading:
     bg_label = Counter(ring.tolist()).most_common(1)[0][0]
     foreground = labels != bg_label
     components, n = ndimage.label(foreground)
-    areas = ndimage.sum_labels(foreground, components, index=np.arange(1, n + 1)) if n else np.zeros(0)
+    areas = np.bincount(components.ravel(), minlength=n + 1)[1:]  # px per component
     kept = [i + 1 for i in range(n) if areas[i] >= MIN_AREA * scale**2]
-    shape_mask = np.isin(components, kept)
+    is_kept = np.zeros(n + 1, dtype=bool)
+    is_kept[kept] = True
+    shape_mask = is_kept[components]
     brightness = pixels.astype(np.float32).mean(-1)
     texture = _texture(brightness, ~foreground)
     background = PALETTE_NAMES[bg_label]
@@ -109,7 +120,7 @@ def read_image(image: Image.Image) -> Reading:
     half_diagonal = np.hypot(centre, centre)
     offset = float(np.hypot(ys.mean() - centre, xs.mean() - centre) / half_diagonal)
     subject = kept[int(np.argmax([areas[i - 1] for i in kept]))]  # the largest shape (the first of equals)
-    sy, sx = ndimage.center_of_mass(foreground, components, subject)
+    sy, sx = (float(v.sum()) / v.size for v in np.nonzero(components == subject))  # its centre of mass (exact sums)
     subject_offset = float(np.hypot(sy - centre, sx - centre) / half_diagonal)
     fg_mean = pixels[shape_mask].astype(np.float32).mean(0)
     bg_mean = pixels[~foreground].astype(np.float32).mean(0) if (~foreground).any() else PALETTE[bg_label]

@@ -42,6 +42,7 @@ SIZE_RANGES = {"small": (6, 9), "large": (11, 14)}
 SHADE_SHIFT = 25  # max brightness shift of a scene's colours (the within-prompt contrast variance)
 TEXTURE_AMPLITUDE = 15  # textures alternate base + and - this brightness
 MARGIN, GAP = 1, 2  # px from the border, px between shapes
+PLACEMENT_TRIES = 200  # random positions tried per shape before the extents shrink
 
 
 @dataclass(frozen=True)
@@ -130,24 +131,47 @@ def _rng(seed: int, *keys: object) -> np.random.Generator:
 
 
 def sample_scene(prompt: Prompt, seed: int) -> Scene:
-    """A scene of ``prompt``, deterministic in (prompt, seed): extents, positions and shifts."""
+    """A scene of ``prompt``, deterministic in (prompt, seed): extents, positions and shifts.
+
+    Each shape takes the first of up to ``PLACEMENT_TRIES`` random positions that keeps ``GAP``
+    px from the shapes placed before it; when none does, every extent shrinks by a pixel (within
+    its class) and placement starts over."""
     rng = _rng(seed, prompt.text)
     lo, hi = SIZE_RANGES[prompt.size]
     extents = [int(rng.integers(lo, hi + 1)) for _ in range(prompt.count)]
     boxes: list[tuple[int, int, int]] = []
     while len(boxes) < prompt.count:
-        for _ in range(200):
-            e = extents[len(boxes)]
-            x0, y0 = (int(v) for v in rng.integers(MARGIN, IMAGE_SIZE - MARGIN - e + 1, size=2))
-            if all(x0 + e + GAP <= bx or bx + be + GAP <= x0 or y0 + e + GAP <= by or by + be + GAP <= y0 for bx, by, be in boxes):
-                boxes.append((x0, y0, e))
-                break
-        else:  # no room: shrink the remaining shapes within their class and start over
+        e = extents[len(boxes)]
+        position = _first_free_position(rng, e, boxes)
+        if position is None:
             extents = [max(lo, e - 1) for e in extents]
             boxes = []
+        else:
+            boxes.append((*position, e))
     shapes = tuple(Shape(prompt.shape, x0, y0, e) for x0, y0, e in boxes)
     fg_shift, bg_shift = (int(v) for v in rng.integers(-SHADE_SHIFT, SHADE_SHIFT + 1, size=2))
     return Scene(prompt, shapes, fg_shift, bg_shift)
+
+
+def _first_free_position(rng: np.random.Generator, extent: int, boxes: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    """The first of ``PLACEMENT_TRIES`` random (x0, y0) drawn one pair at a time that is ``GAP`` px
+    clear of ``boxes``, leaving ``rng`` just after that pair (after all of them when none is).
+
+    All tries are drawn at once and checked together; the generator is then rewound and advanced
+    by the pairs actually used. ``integers`` draws the same stream whether it is asked for n pairs
+    at once or one pair n times, so scenes are those of the one-pair-at-a-time loop, only faster."""
+    state = rng.bit_generator.state
+    tries = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - extent + 1, size=(PLACEMENT_TRIES, 2))
+    free = np.ones(PLACEMENT_TRIES, dtype=bool)
+    for bx, by, be in boxes:
+        x0, y0 = tries[:, 0], tries[:, 1]
+        free &= (x0 + extent + GAP <= bx) | (bx + be + GAP <= x0) | (y0 + extent + GAP <= by) | (by + be + GAP <= y0)
+    if not free.any():
+        return None
+    first = int(free.argmax())
+    rng.bit_generator.state = state
+    rng.integers(MARGIN, IMAGE_SIZE - MARGIN - extent + 1, size=(first + 1, 2))
+    return int(tries[first, 0]), int(tries[first, 1])
 
 
 def shifted(colour: str, shift: int) -> tuple[int, int, int]:
