@@ -162,9 +162,9 @@ def _first_free_position(rng: np.random.Generator, extent: int, boxes: list[tupl
     at once or one pair n times, so scenes are those of the one-pair-at-a-time loop, only faster."""
     state = rng.bit_generator.state
     tries = rng.integers(MARGIN, IMAGE_SIZE - MARGIN - extent + 1, size=(PLACEMENT_TRIES, 2))
+    x0, y0 = tries[:, 0], tries[:, 1]
     free = np.ones(PLACEMENT_TRIES, dtype=bool)
     for bx, by, be in boxes:
-        x0, y0 = tries[:, 0], tries[:, 1]
         free &= (x0 + extent + GAP <= bx) | (bx + be + GAP <= x0) | (y0 + extent + GAP <= by) | (by + be + GAP <= y0)
     if not free.any():
         return None
