@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sr_finetune.errors import UserError
 from scipy import ndimage
 
+from sr_finetune.errors import UserError
 from sr_finetune.world.pixels import ATTRIBUTES, PALETTE, fidelity, palette_labels, read_image
 from sr_finetune.world.scenes import GAP, IMAGE_SIZE, MARGIN, SIZE_RANGES, Prompt, Scene, Shape, _rng, all_prompts, parse_caption, prompt_split, render, render_prompt, sample_scene, split_prompts
 from sr_finetune.world.taste import taste
