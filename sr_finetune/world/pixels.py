@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import COLOURS, SIZE_RANGES, Prompt, parse_caption
+from .scenes import COLOURS, SIZE_RANGES, Prompt, parse_caption, texture_pattern
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[c] for c in PALETTE_NAMES], dtype=np.float32)
@@ -64,20 +63,12 @@ def palette_labels(pixels: np.ndarray) -> np.ndarray:
     return nearest[inverse.reshape(-1)].reshape(pixels.shape[:2])
 
 
-@lru_cache(maxsize=8)
-def _texture_patterns(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The striped and checkered +-1 patterns the renderer uses at ``size`` px."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    cell = max(1, size // 8)
-    return np.where((yy // cell) % 2 == 0, 1.0, -1.0), np.where(((yy // cell) + (xx // cell)) % 2 == 0, 1.0, -1.0)
-
-
 def _texture(brightness: np.ndarray, background: np.ndarray) -> str:
     size = brightness.shape[0]
     values = brightness[background]
     if values.size < 16 or values.std() < 4:
         return "plain"
-    striped, checkered = _texture_patterns(size)
+    striped, checkered = texture_pattern("striped", size), texture_pattern("checkered", size)
     centred = values - values.mean()
     scores = {name: abs(float((centred * t[background]).mean())) for name, t in (("striped", striped), ("checkered", checkered))}
     best = max(scores, key=scores.get)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,20 +176,27 @@ def _first_free_position(rng: np.random.Generator, extent: int, boxes: list[tupl
 
 
 def shifted(colour: str, shift: int) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c + shift, 0, 255)) for c in COLOURS[colour])  # type: ignore[return-value]
+    return tuple(min(255, max(0, c + shift)) for c in COLOURS[colour])  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=32)
+def texture_pattern(texture: str, size: int) -> np.ndarray:
+    """The [size, size] +-1 brightness pattern of a texture (0 for plain), one cell per eighth."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cell = max(1, size // 8)
+    if texture == "striped":
+        sign = np.where((yy // cell) % 2 == 0, 1, -1)
+    elif texture == "checkered":
+        sign = np.where(((yy // cell) + (xx // cell)) % 2 == 0, 1, -1)
+    else:
+        sign = np.zeros((size, size), dtype=int)
+    sign.setflags(write=False)
+    return sign
 
 
 def _background(prompt: Prompt, shift: int, size: int) -> np.ndarray:
     base = np.array(shifted(prompt.background, shift), dtype=np.int16)
-    yy, xx = np.mgrid[0:size, 0:size]
-    cell = max(1, size // 8)
-    if prompt.texture == "striped":
-        sign = np.where((yy // cell) % 2 == 0, 1, -1)
-    elif prompt.texture == "checkered":
-        sign = np.where(((yy // cell) + (xx // cell)) % 2 == 0, 1, -1)
-    else:
-        sign = np.zeros((size, size), dtype=int)
-    pixels = base[None, None, :] + (sign * TEXTURE_AMPLITUDE)[..., None]
+    pixels = base[None, None, :] + (texture_pattern(prompt.texture, size) * TEXTURE_AMPLITUDE)[..., None]
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
@@ -218,5 +226,5 @@ def render_prompt(prompt: Prompt | str, seed: int, size: int = IMAGE_SIZE) -> Im
 
 __all__ = [
     "COLOURS", "COUNTS", "IMAGE_SIZE", "Prompt", "SHAPES", "SIZES", "SIZE_RANGES", "Scene", "Shape", "TEXTURES",
-    "all_prompts", "parse_caption", "prompt_split", "render", "render_prompt", "sample_scene", "split_prompts",
+    "all_prompts", "parse_caption", "prompt_split", "render", "render_prompt", "sample_scene", "split_prompts", "texture_pattern",
 ]
