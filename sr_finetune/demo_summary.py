@@ -50,13 +50,18 @@ def model_rows(results: dict) -> dict[str, dict]:
     return rows
 
 
-def pool_selection(scores: "pd.DataFrame") -> dict:
+def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg) -> dict:
     """What the reward picks from the pool, seen by the judge: the judge's mean over the pool, over
-    each prompt's chosen (highest Social Reward) and rejected (lowest) image, and the share of
-    prompts whose chosen image the judge prefers to the rejected one."""
-    scores = scores.reset_index(drop=True)
-    g = scores.groupby("prompt")
-    chosen, rejected = scores.loc[g[REWARD].idxmax(), JUDGE].to_numpy(), scores.loc[g[REWARD].idxmin(), JUDGE].to_numpy()
+    each prompt's chosen and rejected image as the pair builder picks them (``pairs_cfg``'s
+    selection, the paper's roles), and the share of prompts whose chosen image the judge prefers."""
+    from dataclasses import replace
+
+    from .pairs import best_and_worst
+
+    cfg = replace(pairs_cfg, swap_chosen_rejected=False, random_roles=False)
+    per_prompt, _ = best_and_worst(manifest, scores, cfg, check_files=False, sources=("pool manifest", "pool scores"))
+    judge = scores.drop_duplicates("image_id").set_index("image_id")[JUDGE]
+    chosen, rejected = judge.loc[per_prompt.chosen_image_id].to_numpy(), judge.loc[per_prompt.rejected_image_id].to_numpy()
     return {"prompts": len(chosen), "judge_pool": float(scores[JUDGE].mean()), "judge_chosen": float(chosen.mean()),
             "judge_rejected": float(rejected.mean()), "chosen_preferred": float((chosen > rejected).mean())}  # fmt: skip
 
@@ -176,9 +181,13 @@ def write_summary(demo) -> Path:
     models = model_rows(results)
     arms = list(demo.cfg.arms)
     stages = stages_of_run(demo.state.done, arms)
+    pool, pairs_cfg = None, demo.section_config("pairs")
     pool_scores = demo.output_dir("score") / "scores.parquet"
     scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
-    pool = pool_selection(scores) if scores is not None and JUDGE in scores and REWARD in scores else None
+    if scores is not None and JUDGE in scores and pairs_cfg.reward_column in scores:
+        from .pairs import read_generations
+
+        pool = pool_selection(read_generations(pairs_cfg.generations), scores, pairs_cfg)
     versus = {}
     if len(arms) > 1:
         eval_scores = pd.read_parquet(evaluation / "scores.parquet")

@@ -112,14 +112,19 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     assert len(skipped) == 10  # curate, train-reward, accuracy, generate, score, build-pairs and finetune per arm, evaluate
 
 
-def test_pool_selection_reads_the_judge_at_the_rewards_choices():
+def test_pool_selection_reads_the_judge_at_the_pair_builders_choices():
     import pandas as pd
 
     from sr_finetune.demo_summary import pool_selection
+    from sr_finetune.pairs import PairsConfig
 
-    scores = pd.DataFrame({"prompt": ["a"] * 3 + ["b"] * 3, "social_reward": [3, 1, 2, 0, 5, 1], "world_judge": [0.9, 0.1, 0.5, 0.5, 0.4, 0.6]})
-    got = pool_selection(scores.iloc[::-1])  # row order must not matter
-    assert got == {"prompts": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}
+    ids = [f"i{k}" for k in range(6)]
+    manifest = pd.DataFrame({"image_id": ids, "prompt_id": ["p0"] * 3 + ["p1"] * 3, "prompt": ["a"] * 3 + ["b"] * 3, "path": [f"{i}.png" for i in ids]})
+    # prompt a: i0 and i2 tie for best (the pair builder takes the smaller image_id, i0); b: i3 is the worst
+    scores = pd.DataFrame({"image_id": ids, "social_reward": [3, 1, 3, 0, 5, 1], "world_judge": [0.9, 0.1, 0.5, 0.5, 0.4, 0.6]})
+    expected = {"prompts": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}
+    for cfg in (PairsConfig(), PairsConfig(swap_chosen_rejected=True), PairsConfig(random_roles=True)):  # the paper's roles, whatever the arm
+        assert pool_selection(manifest, scores.iloc[::-1], cfg) == expected  # row order must not matter
 
 
 def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
