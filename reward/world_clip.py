@@ -116,8 +116,6 @@ def train_world_clip(cfg: ClipTrainConfig, resume: bool = False) -> Path:
     return path
 
 
-
-
 CLIP_ASSET = "world_clip.safetensors"
 CLIP_EMBEDDING = "token_embedding.weight"
 
