@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .pairs import PairsConfig
+
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
 CONTROL_ARM = "random"  # pairs with random roles: fine-tuning on the pool without the reward's direction
@@ -50,7 +52,7 @@ def model_rows(results: dict) -> dict[str, dict]:
     return rows
 
 
-def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg) -> dict:
+def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg: "PairsConfig") -> dict:
     """What the reward picks from the pool, seen by the judge: the judge's mean over the pool, over
     each prompt's chosen and rejected image as the pair builder picks them (``pairs_cfg``'s
     selection, the paper's roles), and the share of prompts whose chosen image the judge prefers."""
