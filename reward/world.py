@@ -1,7 +1,9 @@
 """The demo world's two evaluation-only scorers, computed from pixels with no model:
 
-* ``world_judge``: the world's hidden taste (:func:`sr_finetune.world.taste.taste`, in [0, 1]),
-  what the simulated community rewards; the prompt is ignored.
+* ``world_judge``: the world's hidden taste (in [0, 1]), what the simulated community rewards;
+  the prompt is ignored. It scores with the taste the world recorded (``weights``: the world's
+  folder, its ``community`` folder or ``community.json``), never with a default, so a world
+  cannot be judged with another world's taste by accident.
 * ``world_fidelity``: 1.0 when the image shows the count, colour and shape of the subject its
   world caption names (:func:`sr_finetune.world.pixels.fidelity`), else 0.0;
   NaN for a prompt that is not a world caption.
@@ -23,7 +25,7 @@ from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device
 from sr_finetune.world.pixels import FIDELITY_ATTRIBUTES, read_image
 from sr_finetune.world.scenes import COLOURS, COUNTS, SHAPES, SIZES, TEXTURES, Prompt, parse_caption
-from sr_finetune.world.taste import taste_of_reading
+from sr_finetune.world.taste import Taste, recorded_taste
 
 from .base import PromptFreeReward, RewardModel, register_reward
 
@@ -69,8 +71,12 @@ class PixelScorer(RewardModel):
 class WorldJudge(PixelScorer, PromptFreeReward):
     name = "world_judge"
 
+    def __init__(self, taste: Taste) -> None:
+        super().__init__()
+        self.taste = taste
+
     def score(self, pixel_values: torch.Tensor, text_inputs: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.tensor([taste_of_reading(read_image(im)) for im in self.images(pixel_values)], dtype=torch.float32)
+        return torch.tensor([self.taste(im) for im in self.images(pixel_values)], dtype=torch.float32)
 
 
 class WorldFidelity(PixelScorer):
@@ -102,9 +108,10 @@ def _no_weights(name: str, weights: str | os.PathLike | None) -> None:
 
 @register_reward("world_judge", concurrent_load=True, eval_only=True)
 def load_world_judge(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> WorldJudge:
-    """The demo world's hidden taste from pixels (evaluation only)."""
-    _no_weights("world_judge", weights)
-    return WorldJudge().to(resolve_device(str(device)))
+    """The demo world's hidden taste from pixels (evaluation only), as the world at ``weights`` recorded it."""
+    if weights is None:
+        raise UserError("world_judge scores with the taste a world recorded: give its weights as the world's folder or its community.json (e.g. weights: {world_judge: runs/demo/world})")
+    return WorldJudge(recorded_taste(weights)).to(resolve_device(str(device)))
 
 
 @register_reward("world_fidelity", concurrent_load=True, eval_only=True)

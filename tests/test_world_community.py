@@ -11,7 +11,9 @@ from scipy.stats import spearmanr
 from sr_finetune.errors import UserError
 from sr_finetune.world.community import CommunityConfig, simulate_community
 from sr_finetune.world.scenes import parse_caption, prompt_split
-from sr_finetune.world.taste import taste
+from sr_finetune.world.taste import resolve_taste
+
+taste = resolve_taste("large-centred")  # the default CommunityConfig.taste
 
 SMALL = dict(prompts=40, users=120, influencers=4)
 

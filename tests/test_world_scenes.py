@@ -9,7 +9,9 @@ from scipy import ndimage
 from sr_finetune.errors import UserError
 from sr_finetune.world.pixels import ATTRIBUTES, PALETTE, fidelity, palette_labels, read_image
 from sr_finetune.world.scenes import GAP, IMAGE_SIZE, MARGIN, SIZE_RANGES, Prompt, Scene, Shape, _rng, all_prompts, parse_caption, prompt_split, render, render_prompt, sample_scene, split_prompts
-from sr_finetune.world.taste import taste
+from sr_finetune.world.taste import resolve_taste
+
+taste = resolve_taste("large-centred")  # the shipped taste
 
 
 def test_the_world_has_a_few_thousand_distinct_captions_in_disjoint_splits():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -15,14 +16,21 @@ from sr_finetune.eval_only import eval_only_metrics, mark_table
 from sr_finetune.pairs import PairsConfig, PairsError, read_scores_table, select_pairs
 from sr_finetune.world.pixels import fidelity
 from sr_finetune.world.scenes import render_prompt, split_prompts
-from sr_finetune.world.taste import taste
+from sr_finetune.world.taste import resolve_taste
+
+taste = resolve_taste("large-centred")  # the shipped taste
 
 CAPTIONS = ["two small red triangles on a blue background", "a large white circle on a black striped background", "three large cyan squares on a purple checkered background"]
 
 
-def test_world_judge_is_the_hidden_taste_from_pixels():
+def _world_record(folder, taste_name: str = "large-centred"):
+    (folder / "community.json").write_text(json.dumps({"taste": taste_name}))
+    return folder
+
+
+def test_world_judge_is_the_recorded_taste_from_pixels(tmp_path):
     images = [render_prompt(c, s) for c in CAPTIONS for s in range(3)]
-    scores = load_reward("world_judge").score_images(images, ["ignored"] * len(images))
+    scores = load_reward("world_judge", weights=_world_record(tmp_path)).score_images(images, ["ignored"] * len(images))
     torch.testing.assert_close(scores, torch.tensor([taste(im) for im in images]), rtol=0, atol=1e-6)
 
 
@@ -35,19 +43,19 @@ def test_world_fidelity_is_one_for_the_true_caption_zero_for_another_and_nan_out
     assert [fidelity(im, c) for im, c in zip(images, CAPTIONS)] == [1.0, 1.0, 1.0]
 
 
-def test_pixel_scorers_take_no_weights():
+def test_world_fidelity_takes_no_weights():
     with pytest.raises(UserError, match="takes no weights"):
-        load_reward("world_judge", weights="some/file.pt")
+        load_reward("world_fidelity", weights="some/file.pt")
 
 
 def test_the_world_scorers_are_marked_eval_only_and_the_others_are_not():
-    load_reward("world_judge")  # imports the registry
+    load_reward("world_fidelity")  # imports the registry
     assert {"world_judge", "world_fidelity"} <= eval_only_metrics()
     assert not {"clip", "social_reward", "hpsv2"} & eval_only_metrics()
 
 
 def test_build_pairs_refuses_an_eval_only_reward_column_even_from_a_file(tmp_path):
-    load_reward("world_judge")
+    load_reward("world_fidelity")
     manifest = pd.DataFrame([{"image_id": f"i{k}", "prompt_id": "p", "prompt": CAPTIONS[0], "path": f"/nowhere/{k}.png"} for k in range(2)])
     scores = mark_table(pd.DataFrame({"image_id": ["i0", "i1"], "world_judge": [0.2, 0.7], "clip": [0.1, 0.3]}), ["world_judge", "clip"])
     scores.to_parquet(tmp_path / "scores.parquet", index=False)

@@ -3,11 +3,15 @@
 Users post renders of world prompts (several users per prompt, each image its own scene) and
 remix what they see. Every post gets a number of views from a heavy-tailed exposure (lognormal
 noise, times ``influencer_boost`` for posts of influencers); each view turns into a remix with a
-probability that rises with the image's hidden taste (:func:`sr_finetune.world.taste.taste`).
+probability that rises with the image's hidden taste (``taste``: a name of
+:mod:`sr_finetune.world.taste` or ``module:function``). The remix rate is ``remix_rate`` at the
+community's typical taste, the ``typical_quantile`` of the taste over true renders, so any taste
+gives logs of the same density.
 Remix counts are therefore heavy-tailed and driven by exposure, and the taste shows only through
 them, as it does in real logs. The logs follow the curation stage's schema (``images.parquet``,
 ``remixes.parquet``, ``influencers.txt``; see the triplet contract); ``truth.parquet`` keeps what
-the logs hide (taste, remix probability, exposure) for checking, never for training.
+the logs hide (taste, remix probability, exposure) for checking, never for training;
+``community.json``, written last, records the settings and the taste (the judge reads it).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -25,7 +30,7 @@ from sr_finetune.progress import progress
 from sr_finetune.io import atomic_write_parquet
 
 from .scenes import IMAGE_SIZE, render, sample_scene, split_prompts
-from .taste import taste
+from .taste import DEFAULT_TASTE, RECORD, resolve_taste, taste_profile
 
 START = pd.Timestamp("2026-01-01T00:00:00Z")
 
@@ -42,8 +47,10 @@ class CommunityConfig:
     exposure_sigma: float = 1.0  # lognormal exposure noise
     influencer_boost: float = 8.0
     remix_rate: float = 0.01  # per-view remix probability at the typical taste
+    taste: str = DEFAULT_TASTE  # a named taste (sr_finetune.world.taste) or module:function
     taste_strength: float = 12.0  # logit slope of the remix probability in the taste
-    typical_taste: float = 0.47
+    typical_quantile: float = 0.05  # the typical taste (remix_rate applies there): this quantile of the taste over true renders
+    typical_taste: Optional[float] = None  # set: this value instead of the quantile
     days: int = 30
     image_size: int = IMAGE_SIZE
     seed: int = 0
@@ -58,11 +65,20 @@ class CommunityConfig:
             raise UserError(f"community: remix_rate must be in (0, 1), got {self.remix_rate}")
         if self.mean_posts_per_prompt < 2:
             raise UserError(f"community: mean_posts_per_prompt must be at least 2, got {self.mean_posts_per_prompt}")
+        if not 0 < self.typical_quantile < 1:
+            raise UserError(f"community: typical_quantile must be in (0, 1), got {self.typical_quantile}")
+        resolve_taste(self.taste)
+
+    def typical(self) -> tuple[float, float]:
+        """(the typical taste, the taste's spread within a prompt) over true renders of the split."""
+        profile = taste_profile(resolve_taste(self.taste), self.split)  # fixed seed: a property of the taste alone
+        typical = profile.quantile(self.typical_quantile) if self.typical_taste is None else self.typical_taste
+        return typical, profile.within_prompt_std
 
 
-def remix_probability(taste_value: np.ndarray | float, cfg: CommunityConfig) -> np.ndarray:
-    """Per-view remix probability: logistic in the taste, ``remix_rate`` at the typical taste."""
-    logit = np.log(cfg.remix_rate / (1 - cfg.remix_rate)) + cfg.taste_strength * (np.asarray(taste_value) - cfg.typical_taste)
+def remix_probability(taste_value: np.ndarray | float, cfg: CommunityConfig, typical: float) -> np.ndarray:
+    """Per-view remix probability: logistic in the taste, ``remix_rate`` at the ``typical`` taste."""
+    logit = np.log(cfg.remix_rate / (1 - cfg.remix_rate)) + cfg.taste_strength * (np.asarray(taste_value) - typical)
     return 1 / (1 + np.exp(-logit))
 
 
@@ -81,6 +97,8 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     """Write images and engagement logs of a simulated community to ``out_dir``; deterministic in ``cfg.seed``."""
     cfg = cfg or CommunityConfig()
     cfg.validate()
+    taste = resolve_taste(cfg.taste)
+    typical, within_prompt_std = cfg.typical()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -114,7 +132,7 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
             exposure = float(rng.lognormal(0.0, cfg.exposure_sigma)) * (cfg.influencer_boost if poster in influencers else 1.0)
             views = max(1, int(round(cfg.median_views * exposure)))
             value = taste(picture)
-            p = float(remix_probability(value, cfg))
+            p = float(remix_probability(value, cfg, typical))
             before_first = int(rng.geometric(p)) - 1  # views before the first remix
             count = 0 if before_first >= views else 1 + int(rng.binomial(views - before_first - 1, p))
             if count:  # views arrive over a few days; remixes happen at views, in order, by others
@@ -134,7 +152,8 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     atomic_write_parquet(remix_table(remixes) if remixes else pd.DataFrame(columns=columns), paths["remixes"])
     paths["influencers"].write_text("".join(f"{u}\n" for u in sorted(influencers)))
     atomic_write_parquet(pd.DataFrame(truth), paths["truth"])
-    (out / "community.json").write_text(json.dumps(asdict(cfg), indent=2))
+    record = {**asdict(cfg), "typical_taste_used": typical, "taste_within_prompt_std": within_prompt_std}
+    (out / RECORD).write_text(json.dumps(record, indent=2))
     return paths
 
 

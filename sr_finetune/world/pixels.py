@@ -47,6 +47,9 @@ class Reading:
     contrast: float  # RGB distance of mean shape colour and mean background colour, / sqrt(3)*255
     subject_extent: float  # extent of the largest shape, the main subject (px at 32 px); 0 without shapes
     subject_offset: float  # distance of the main subject's centroid from the image centre, / half-diagonal
+    subject_row: float = 0.5  # the main subject's centroid, 0 = top row, 1 = bottom row
+    subject_column: float = 0.5  # the main subject's centroid, 0 = left column, 1 = right column
+    spacing: float = 0.0  # mean distance between the shapes' centroids, / half-diagonal (0 with fewer than two)
 
     def matches(self, prompt: Prompt | str) -> dict[str, bool]:
         """Per attribute, whether the pixels show what the caption says."""
@@ -113,10 +116,14 @@ def read_image(image: Image.Image) -> Reading:
     subject = kept[int(np.argmax([areas[i - 1] for i in kept]))]  # the largest shape (the first of equals)
     sy, sx = (float(v.sum()) / v.size for v in np.nonzero(components == subject))  # its centre of mass (exact sums)
     subject_offset = float(np.hypot(sy - centre, sx - centre) / half_diagonal)
+    centroids = np.array(ndimage.center_of_mass(shape_mask, components, kept)) if len(kept) > 1 else np.zeros((1, 2))
+    gaps = np.hypot(*(centroids[:, None, :] - centroids[None, :, :]).transpose(2, 0, 1))[np.triu_indices(len(centroids), 1)]
+    spacing = float(gaps.mean() / half_diagonal) if gaps.size else 0.0
     fg_mean = pixels[shape_mask].astype(np.float32).mean(0)
     bg_mean = pixels[~foreground].astype(np.float32).mean(0) if (~foreground).any() else PALETTE[bg_label]
     contrast = float(np.linalg.norm(fg_mean - bg_mean) / MAX_CONTRAST)
-    return Reading(len(kept), size_class, colour, shape, background, texture, float(shape_mask.mean()), offset, contrast, extents[subject], subject_offset)
+    return Reading(len(kept), size_class, colour, shape, background, texture, float(shape_mask.mean()), offset, contrast, extents[subject], subject_offset,
+                   subject_row=sy / (size - 1), subject_column=sx / (size - 1), spacing=spacing)  # fmt: skip
 
 
 def fidelity(image: Image.Image, prompt: Prompt | str) -> float:
