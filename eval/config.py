@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from reward import available_rewards
 from reward.scoring import ScoreConfig
@@ -35,6 +35,8 @@ class ModelSpec:
     prompt_column: str = "prompt"
     index_column: Optional[str] = None  # image index per prompt; default: "index" if present, else the order of a prompt's rows
     prompt_id_column: Optional[str] = None  # set to match by prompt id (the prompt sets' ids) instead of prompt text
+    # a config layer (file, command line) that sets one of these drops the other from the layers below
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("path", "images"),)
 
     def validate(self) -> None:
         require(bool(self.path) != bool(self.images), "path", MODEL_SOURCE)

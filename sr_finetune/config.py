@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -52,6 +52,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             file_cfg = OmegaConf.load(path)
             if file_cfg is None or not hasattr(file_cfg, "keys"):
                 raise ConfigError(f"config error: {path} is not a YAML mapping")
+            reset_replaced_alternatives(merged, file_cfg)
             merged = OmegaConf.merge(merged, file_cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc, str(path))) from None
@@ -61,7 +62,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         raise ConfigError(f"config error: cannot parse {path}: {str(exc).splitlines()[0]}") from None
     try:
         qualified = [_qualify(o, section, top_level) for o in overrides]
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(qualified))
+        layer = OmegaConf.from_dotlist(qualified)
+        reset_replaced_alternatives(merged, layer)
+        merged = OmegaConf.merge(merged, layer)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc, "overrides" if overrides else str(path))) from None
@@ -72,6 +75,36 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
     else:
         _validate(config, prefix="")
     return config
+
+
+def reset_replaced_alternatives(merged: DictConfig, layer: DictConfig) -> None:
+    """Where ``layer`` sets one key of a dataclass's ``EXCLUSIVE`` groups, reset the group's other
+    keys in ``merged`` to their defaults before the merge.
+
+    So a layer replaces an alternative instead of adding to it: a file's ``images:`` drops the
+    default ``path`` of ``evaluate.baseline``, and a command-line ``path=`` a file's ``images:``.
+    A layer that sets both keeps both, for ``validate()`` to refuse.
+    """
+    _reset_alternatives(merged, OmegaConf.to_container(layer, resolve=False))
+
+
+def _reset_alternatives(node: DictConfig, values: dict[str, Any]) -> None:
+    schema = OmegaConf.get_type(node)
+    for group in getattr(schema, "EXCLUSIVE", ()):
+        named = {key for key in group if values.get(key) is not None}
+        if named:
+            for key in set(group) - named:
+                node[key] = _field_default(schema, key)
+    for key, value in values.items():
+        if isinstance(value, dict) and key in node and not OmegaConf.is_interpolation(node, key):
+            child = node.get(key)
+            if isinstance(child, DictConfig):
+                _reset_alternatives(child, value)
+
+
+def _field_default(schema: type, name: str) -> Any:
+    (f,) = [f for f in dataclasses.fields(schema) if f.name == name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _validate(node: object, prefix: str) -> None:

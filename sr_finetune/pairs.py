@@ -16,10 +16,14 @@ are stored as bytes),
 ``text``, ``role``, ``prompt_id``, ``score`` (null for regularisation), ``image_id``; rows in
 prompt order, chosen before rejected, then regularisation (shuffle when training).
 With ``keep_pairs``, ``output_dir/pairs`` holds one row per prompt for pairwise objectives.
+With ``held_out_share`` or ``held_out_prompts``, some prompts stay out of the set (chosen by a
+seeded hash of the prompt id) and ``output_dir/held_out.txt`` lists them, one per line: a prompt
+file for ``evaluate``'s prompt sets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -55,6 +59,7 @@ SKIP_REASONS = (
     "rejected_low_confidence",  # confidence filter: worst image not confidently worst
     "rejected_over_ratio_cap",  # beyond max_rejected_ratio * chosen
 )
+HELD_OUT_FILE = "held_out.txt"
 PAIR_COLUMNS = ["image_id", "prompt_id", "prompt", "path", "score", "role", "text", "n_images"]
 WRITE_CHUNK_ROWS = 1024
 
@@ -102,8 +107,14 @@ class PairsConfig:
     # false: the dataset stores image paths (lazy, no copy; keep the image folders in place);
     # true: the images are copied into the dataset (self-contained, portable, as large as the images)
     embed_images: bool = False
+    # Prompts kept out of the fine-tune set for evaluation, written to output_dir/held_out.txt: a
+    # share of the manifest's prompts, or a number of them; picked by a seeded hash of the prompt id
+    held_out_share: float = 0.0
+    held_out_prompts: int = 0
     seed: int = 0
     output_dir: str = "runs/pairs"
+    # a config layer (file, command line) that sizes the held-out split one way drops the other way
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("held_out_share", "held_out_prompts"),)
 
     def validate(self) -> None:
         require(bool(self.reward_column), "reward_column", "must name a scores column")
@@ -115,6 +126,9 @@ class PairsConfig:
         require(self.max_rejected_ratio is None or self.max_rejected_ratio >= 0, "max_rejected_ratio", f"must be >= 0 or null, got {self.max_rejected_ratio}")
         require(0 <= self.regularization_share < 1, "regularization_share", f"must be in [0, 1), got {self.regularization_share}")
         require(self.on_short_regularization in ("error", "warn"), "on_short_regularization", f"must be 'error' or 'warn', got '{self.on_short_regularization}'")
+        require(0 <= self.held_out_share < 1, "held_out_share", f"must be in [0, 1), got {self.held_out_share}")
+        require(self.held_out_prompts >= 0, "held_out_prompts", f"must be >= 0, got {self.held_out_prompts}")
+        require(not (self.held_out_share and self.held_out_prompts), "held_out_share", "and held_out_prompts both size the held-out split; set one")
         require(self.regularization_format in REGULARIZATION_FORMATS, "regularization_format", f"must be one of {REGULARIZATION_FORMATS}, got '{self.regularization_format}'")
         try:
             sample = self.rejected_format.format(token="<t>", prompt="<p>")
@@ -261,6 +275,47 @@ def _random_key(image_ids, seed: int) -> np.ndarray:
     return pd.util.hash_pandas_object(ids, index=False).to_numpy()
 
 
+def held_out_rank(prompt_ids: Iterable[str], seed: int) -> np.ndarray:
+    """A number in [0, 1) per prompt id, from a seeded sha256 of the id alone: the same on every
+    rerun and machine, whatever the manifest's row order or the world size that generated it."""
+    salt = f"sr-finetune/held-out/{seed}/"
+    return np.array([(int.from_bytes(hashlib.sha256(f"{salt}{i}".encode()).digest()[:8], "big") >> 11) / 2**53 for i in prompt_ids], dtype=np.float64)
+
+
+def held_out_prompt_ids(prompt_ids: Iterable[str], cfg: PairsConfig) -> set[str]:
+    """The prompt ids kept out of the fine-tune set: those ranked below ``held_out_share``, or the
+    ``held_out_prompts`` lowest ranks (equal ranks by id); none when both are 0."""
+    if not (cfg.held_out_share or cfg.held_out_prompts):
+        return set()
+    ids = np.array(sorted(set(map(str, prompt_ids))), dtype=object)
+    rank = held_out_rank(ids, cfg.seed)
+    if cfg.held_out_prompts:
+        if cfg.held_out_prompts >= len(ids):
+            raise PairsError(f"held_out_prompts: {cfg.held_out_prompts} leaves no prompt to fine-tune on (the manifest has {len(ids)} prompts)")
+        return set(ids[np.argsort(rank, kind="stable")[: cfg.held_out_prompts]])
+    return set(ids[rank < cfg.held_out_share])
+
+
+def split_held_out(manifest: pd.DataFrame, cfg: PairsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the manifest rows left to fine-tune on, the held-out rows). A prompt whose text is also a
+    held-out prompt's, under another id, is held out with it: no held-out text is trained on."""
+    has_id = manifest["prompt_id"].notna()
+    ids = manifest["prompt_id"].astype(str)
+    held = has_id & ids.isin(held_out_prompt_ids(ids[has_id].unique(), cfg))
+    held |= manifest["prompt"].isin(set(manifest.loc[held, "prompt"].dropna()))
+    return manifest[~held], manifest[held]
+
+
+def write_held_out(held_out: pd.DataFrame, path: Path) -> int:
+    """Write the held-out prompts as a prompt file, one per line in prompt-id order (line breaks
+    inside a prompt become spaces); returns the number of lines."""
+    rows = held_out.assign(_id=held_out["prompt_id"].astype(str)).drop_duplicates("_id").sort_values("_id", kind="stable")
+    lines = [" ".join(part.strip() for part in prompt.splitlines() if part.strip()) for prompt in rows["prompt"] if isinstance(prompt, str)]
+    lines = list(dict.fromkeys(line for line in lines if line))
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return len(lines)
+
+
 def _swapped_role(column: str) -> str:
     for old, new in (("chosen_", "rejected_"), ("rejected_", "chosen_")):
         if column.startswith(old):
@@ -386,13 +441,15 @@ class PairsSummary:
     images: int  # manifest rows
     pairs: Optional[int]  # rows of output_dir/pairs when keep_pairs
     regularization: dict = field(default_factory=dict)  # source, format, available, wanted, used, skipped
+    held_out: dict = field(default_factory=dict)  # prompts (lines of the file), images, file; empty when off
     seconds: float = 0.0
 
     def line(self) -> str:
         roles = ", ".join(f"{self.counts.get(r, 0)} {r}" for r in ROLES)
         skips = ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "nothing"
         pairs = f", {self.pairs} pairs" if self.pairs is not None else ""
-        return f"build-pairs: {self.prompts} prompts, {self.images} images -> {roles}{pairs}; skipped: {skips} -> {self.output_dir} ({self.seconds:.1f}s)"
+        held_out = f"; held out: {self.held_out['prompts']} prompts -> {self.output_dir}/{self.held_out['file']}" if self.held_out else ""
+        return f"build-pairs: {self.prompts} prompts, {self.images} images -> {roles}{pairs}; skipped: {skips}{held_out} -> {self.output_dir} ({self.seconds:.1f}s)"
 
 
 def _image_array(values: list[dict]):
@@ -529,11 +586,15 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
         logger.warning("build-pairs: random_roles=true (control): two images of each prompt drawn at random are chosen and rejected; the scores are not used")
     manifest = read_generations(cfg.generations)
     scores = read_scores_table(cfg.scores, cfg.reward_column)
-    per_prompt, skipped = best_and_worst(manifest, scores, cfg, sources=(str(Path(cfg.generations) / "manifest.parquet"), str(cfg.scores)))
+    tuning, held_out = split_held_out(manifest, cfg)
+    if len(held_out):  # their scores are not "rows not in the manifest"
+        scores = scores[~scores["image_id"].isin(held_out["image_id"])]
+    per_prompt, skipped = best_and_worst(tuning, scores, cfg, sources=(str(Path(cfg.generations) / "manifest.parquet"), str(cfg.scores)))
     pairs, skipped = pairs_from_prompts(per_prompt, skipped, cfg)
     if pairs.empty:
         reasons = ", ".join(f"{k} {v}" for k, v in skipped.items() if v) or "no rows"
-        raise PairsError(f"no prompt left to make pairs from ({len(manifest)} manifest images; skipped: {reasons})")
+        held = f", {len(held_out)} of them held out" if len(held_out) else ""
+        raise PairsError(f"no prompt left to make pairs from ({len(manifest)} manifest images{held}; skipped: {reasons})")
     reg, reg_rows, reg_info = _mix_regularization(cfg, len(pairs))
 
     final = Path(cfg.output_dir)
@@ -549,6 +610,11 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
             n_pairs = None if table is None else _write_dataset(_pair_batches(table), PAIRS_FEATURES_SPEC, tmp / "pairs", scratch, cfg.embed_images, bar)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    held_out_info = {}
+    if cfg.held_out_share or cfg.held_out_prompts:
+        held_out_info = {"prompts": write_held_out(held_out, tmp / HELD_OUT_FILE), "images": len(held_out), "file": HELD_OUT_FILE}
+        if not held_out_info["prompts"]:
+            logger.warning("build-pairs: held_out_share=%s holds out none of the %d prompts; %s is empty", cfg.held_out_share, manifest["prompt_id"].nunique(), HELD_OUT_FILE)
     counts = pairs["role"].value_counts().reindex(list(ROLES), fill_value=0).to_dict()
     counts["regularization"] = 0 if reg_rows is None else len(reg_rows)
     summary = PairsSummary(
@@ -559,6 +625,7 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
         images=len(manifest),
         pairs=n_pairs,
         regularization=reg_info,
+        held_out=held_out_info,
         seconds=time.perf_counter() - start,
     )
     (tmp / "summary.json").write_text(json.dumps({**asdict(summary), "total": sum(summary.counts.values()), "config": asdict(cfg)}, indent=2))

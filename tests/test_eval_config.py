@@ -1,8 +1,9 @@
 """The evaluate section: defaults, overrides of models and prompt sets, one-line errors."""
 
 import pytest
+import yaml
 
-from eval.config import EvaluateConfig
+from eval.config import EvaluateConfig, FinetunedSpec, ModelSpec
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError
 from sr_finetune.experiment import ExperimentConfig
@@ -74,3 +75,55 @@ def test_a_run_needs_social_reward_weights_when_it_asks_for_social_reward():
     with pytest.raises(ConfigError, match="evaluate.weights.social_reward: social_reward needs the checkpoint"):
         cfg.require_runnable()
     evaluate("finetuned.ft.path=x", "prompt_sets.g.prompts=parti", "metrics=[clip,hpsv2]", weights=[]).require_runnable()
+
+
+# ---- a model is a pipeline (path) or existing images (images), whichever the last layer names ----
+
+
+def evaluate_from_file(tmp_path, section, *overrides):
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"evaluate": section}))
+    return load_config(ExperimentConfig, config, [*SOCIAL_REWARD, *overrides], section="evaluate").evaluate
+
+
+def test_images_in_a_config_file_replace_the_default_baseline_path(tmp_path):
+    cfg = evaluate_from_file(tmp_path, {"baseline": {"images": "sd14.csv"}, "finetuned": {"sd21": {"images": "sd21.csv"}}})
+    assert (cfg.baseline.path, cfg.baseline.images) == (None, "sd14.csv")
+    assert (cfg.finetuned["sd21"].path, cfg.finetuned["sd21"].images) == (None, "sd21.csv")
+    assert not any(spec.generated for spec in cfg.models().values())
+
+
+def test_images_on_the_command_line_replace_the_default_baseline_path():
+    cfg = evaluate("baseline.images=sd14.csv", "finetuned.sd21.images=sd21.csv")
+    assert (cfg.baseline.path, cfg.baseline.images) == (None, "sd14.csv")
+    assert (cfg.finetuned["sd21"].path, cfg.finetuned["sd21"].images) == (None, "sd21.csv")
+
+
+@pytest.mark.parametrize("entry", ["baseline", "finetuned.ft"])
+def test_the_command_line_replaces_a_files_path_with_images_and_the_other_way_round(tmp_path, entry):
+    def section(spec):
+        return {"baseline": spec} if entry == "baseline" else {"finetuned": {"ft": spec}}
+
+    def spec_of(cfg):
+        return cfg.baseline if entry == "baseline" else cfg.finetuned["ft"]
+
+    to_images = spec_of(evaluate_from_file(tmp_path, section({"path": "runs/model", "revision": "main"}), f"{entry}.images=t.csv"))
+    assert (to_images.path, to_images.images, to_images.revision) == (None, "t.csv", "main")  # only the alternative is dropped
+    to_path = spec_of(evaluate_from_file(tmp_path, section({"images": "t.csv", "path_column": "file"}), f"{entry}.path=runs/model"))
+    assert (to_path.path, to_path.images, to_path.path_column) == ("runs/model", None, "file")
+
+
+def test_python_specs_name_images_or_path_without_a_default_to_drop():
+    cfg = EvaluateConfig(baseline=ModelSpec(images="sd14.csv"), finetuned={"sd21": FinetunedSpec(images="sd21.csv"), "ft": FinetunedSpec(path="runs/ft")})
+    cfg.validate()
+    assert [spec.generated for spec in cfg.models().values()] == [False, False, True]
+
+
+@pytest.mark.parametrize("entry, key", [("baseline", "evaluate.baseline.path"), ("finetuned.ft", "evaluate.finetuned.ft.path")])
+def test_path_and_images_set_together_are_a_one_line_error(tmp_path, entry, key):
+    with pytest.raises(ConfigError) as err:
+        evaluate(f"{entry}.path=runs/model", f"{entry}.images=t.csv")
+    assert f"{key}: set either path" in str(err.value) and "\n" not in str(err.value)
+    both = {"path": "runs/model", "images": "t.csv"}
+    with pytest.raises(ConfigError, match=f"{key}: set either path"):
+        evaluate_from_file(tmp_path, {"baseline": both} if entry == "baseline" else {"finetuned": {"ft": both}})

@@ -15,6 +15,7 @@ from eval.browser_check import static_check
 from eval.config import ModelSpec
 from eval.existing_images import read_existing_images
 from eval.harness import _check_paired
+from reward.scoring import read_scores
 from sr_finetune.cli import main
 from sr_finetune.errors import UserError
 
@@ -196,3 +197,36 @@ def test_a_model_with_both_a_pipeline_and_images_is_a_config_error(tmp_path, cap
 def test_existing_images_are_paired_without_comparing_seeds():
     rows = pd.DataFrame({"model": ["b", "b", "t", "t"], "prompt_set": "s", "prompt_id": ["p", "q", "p", "q"], "index": 0, "seed": [1, 2, 5, None]})
     _check_paired(rows, "b", unseeded=["t"])  # no error: the table's images need not share seeds
+
+
+def test_two_existing_image_sets_compare_like_independent_scoring_runs(tmp_path, tiny_rewards, sid):
+    """SD 1.5 images (baseline) against SD 2.1-base images, one table each, as the README writes it:
+    no pipeline anywhere, no ``path: null``; the win/tie/loss counts equal a recount from ``score`` runs."""
+    prompts, image, folder = sid["prompts"][:5], sid["image"], sid["folder"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    tables = {"sd15": [image[(p, "15")] for p in prompts], "sd21": [image[(p, "21")] for p in prompts[:4]] + [image[(prompts[4], "15")]]}  # last: a tie
+    for name, paths in tables.items():
+        pd.DataFrame({"prompt": prompts, "image_path": paths}).to_csv(tmp_path / f"{name}.csv", index=False)
+    weights = {"clip": tiny_rewards["weights"]["clip"]}
+    table = {"image_root": str(folder), "path_column": "image_path"}
+    section = {"baseline": {"images": str(tmp_path / "sd15.csv"), **table}, "baseline_name": "sd15", "finetuned": {"sd21": {"images": str(tmp_path / "sd21.csv"), **table}},
+               "prompt_sets": {"fig6": {"prompts": str(tmp_path / "prompts.txt")}}, "output_dir": str(tmp_path / "eval"), "images_per_prompt": 1, "device": "cpu",
+               "metrics": ["clip"], "weights": weights, "num_workers": 0, "bootstrap_samples": 50, "grid_prompts": 1, "examples_per_metric": 0, "thumbnail_size": 32}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"evaluate": section}))
+    assert main(["evaluate", "--config", str(tmp_path / "eval.yaml")]) == 0
+
+    scores = {}
+    for name in tables:
+        out = tmp_path / f"score_{name}"
+        assert main(["score", f"image_table={tmp_path / name}.csv", f"image_root={folder}", "path_column=image_path", "metrics=[clip]",
+                     f"weights.clip={weights['clip']}", f"output_dir={out}", "device=cpu", "num_workers=0"]) == 0
+        by_path = read_scores(out).set_index("image_id")["clip"]  # a table without image ids: the path is the id
+        scores[name] = pd.Series([by_path[p] for p in tables[name]], index=prompts)
+    diff = scores["sd21"] - scores["sd15"]
+    wins = pd.read_csv(tmp_path / "eval" / "tables" / "win_rates.csv").set_index("unit")
+    for unit in ("image", "prompt"):  # one image per prompt: both units count the same pairs
+        row = wins.loc[unit]
+        assert (row.model, row.baseline, row.n) == ("sd21", "sd15", 5)
+        assert (row.wins, row.ties, row.losses) == (int((diff > 0).sum()), int((diff == 0).sum()), int((diff < 0).sum()))
+        assert row.mean_diff == pytest.approx(diff.mean(), rel=1e-6)
+    assert (diff == 0).sum() == 1  # the shared image

@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sr_finetune.pairs import PairsConfig, PairsError, build_pairs, regularization_count, select_pairs
+from sr_finetune.pairs import (
+    PairsConfig, PairsError, build_pairs, held_out_prompt_ids, held_out_rank, read_generations, regularization_count, select_pairs, split_held_out, write_held_out,
+)  # fmt: skip
 from sr_finetune.regularization import RegularizationError, read_regularization
 
 
@@ -206,6 +208,12 @@ def test_config_validation_names_the_key():
         PairsConfig(rejected_format="{negative} {prompt}").validate()
     with pytest.raises(ValueError, match="^on_short_regularization: must be 'error' or 'warn'"):
         PairsConfig(on_short_regularization="ignore").validate()
+    with pytest.raises(ValueError, match=r"^held_out_share: must be in \[0, 1\), got 1.0"):
+        PairsConfig(held_out_share=1.0).validate()
+    with pytest.raises(ValueError, match="^held_out_prompts: must be >= 0"):
+        PairsConfig(held_out_prompts=-1).validate()
+    with pytest.raises(ValueError, match="^held_out_share: and held_out_prompts both size the held-out split; set one"):
+        PairsConfig(held_out_share=0.1, held_out_prompts=5).validate()
     PairsConfig().validate()
 
 
@@ -225,6 +233,9 @@ def test_pairs_config_loads_from_yaml_with_one_line_errors(tmp_path):
     assert (tree.pairs.confidence_k, tree.pairs.regularization_share, tree.pairs.max_rejected_ratio) == (2, 0.25, 1.0)
     with pytest.raises(ConfigError, match=r"^config error: pairs\.regularization_share: must be in \[0, 1\), got 1\.0$"):
         load_config(Tree, path, ["regularization_share=1.0"], section="pairs")
+    path.write_text("pairs:\n  held_out_share: 0.1\n")  # a count on the command line replaces the file's share
+    tree = load_config(Tree, path, ["held_out_prompts=5"], section="pairs")
+    assert (tree.pairs.held_out_share, tree.pairs.held_out_prompts) == (0.0, 5)
 
 
 # ---- regularisation sources ------------------------------------------------------------------
@@ -457,6 +468,105 @@ def test_embed_images_copies_the_files_into_the_dataset(tmp_path, scored):
     build_pairs(PairsConfig(generations=str(folder), scores=str(scores), embed_images=True, output_dir=str(tmp_path / "out")))
     raw = datasets.load_from_disk(str(tmp_path / "out")).cast_column("image", datasets.Image(decode=False))[0]["image"]
     assert raw["bytes"] == (folder / "images/00000/p0_1.png").read_bytes()
+
+
+# ---- held-out prompts --------------------------------------------------------------------------
+
+POOL = [f"p{i:02d}" for i in range(20)]
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """20 prompts x 3 scored images."""
+    return write_generations(tmp_path / "pool", {p: [0.1 * i, 1.0, -1.0] for i, p in enumerate(POOL)})
+
+
+def held_out_lines(out: Path) -> list[str]:
+    return (out / "held_out.txt").read_text().splitlines()
+
+
+def test_held_out_prompts_never_reach_the_fine_tune_set(tmp_path, pool):
+    folder, scores = pool
+    out = tmp_path / "out"
+    summary = build_pairs(PairsConfig(generations=str(folder), scores=str(scores), held_out_share=0.3, keep_pairs=True, output_dir=str(out)))
+    held = held_out_lines(out)
+    held_ids = {p for p in POOL if f"a photo of {p}" in held}
+    assert 0 < len(held) < len(POOL) and len(held_ids) == len(held)
+    rows = datasets.load_from_disk(str(out)).remove_columns("image").to_pandas()
+    pairs = datasets.load_from_disk(str(out / "pairs")).remove_columns(["chosen_image", "rejected_image"]).to_pandas()
+    texts = set(rows.text) | set(pairs.chosen_text) | set(pairs.rejected_text)
+    assert not [t for t in texts for prompt in held if prompt in t]  # not as chosen, not behind the negative token
+    assert set(rows.prompt_id) | set(pairs.prompt_id) == set(POOL) - held_ids  # every other prompt is trained on
+    assert summary.counts["chosen"] == len(POOL) - len(held) and not any(summary.skipped.values())  # held-out scores are no "unknown rows"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["held_out"] == {"prompts": len(held), "images": 3 * len(held), "file": "held_out.txt"}
+    assert written["prompts"] == len(POOL) and f"held out: {len(held)} prompts" in summary.line()
+
+
+def test_the_held_out_split_is_a_seeded_hash_of_the_prompt_id_whatever_the_row_order(pool):
+    manifest = read_generations(pool[0])
+    cfg = PairsConfig(held_out_share=0.3)
+    rank = dict(zip(POOL, held_out_rank(POOL, cfg.seed)))
+    held = set(split_held_out(manifest, cfg)[1].prompt_id)
+    assert held == {p for p in POOL if rank[p] < 0.3}
+    assert set(split_held_out(manifest.sample(frac=1, random_state=1), cfg)[1].prompt_id) == held
+    # the id alone decides: a manifest of half the prompts (another shard, another world size) agrees
+    assert set(split_held_out(manifest[manifest.prompt_id < "p10"], cfg)[1].prompt_id) == {p for p in held if p < "p10"}
+    assert set(split_held_out(manifest, PairsConfig(held_out_share=0.3, seed=1))[1].prompt_id) != held
+    # held_out_prompts: N takes the N lowest ranks
+    five = held_out_prompt_ids(POOL, PairsConfig(held_out_prompts=5))
+    assert five == set(sorted(POOL, key=rank.get)[:5]) == held_out_prompt_ids(POOL[::-1], PairsConfig(held_out_prompts=5))
+    assert held_out_prompt_ids(POOL, PairsConfig()) == set()  # off by default
+
+
+def test_a_rebuild_from_reordered_rows_writes_the_same_held_out_file(tmp_path, pool):
+    folder, scores = pool
+    cfg = PairsConfig(generations=str(folder), scores=str(scores), held_out_prompts=6, output_dir=str(tmp_path / "a"))
+    build_pairs(cfg)
+    first = (tmp_path / "a" / "held_out.txt").read_bytes()
+    pd.read_parquet(folder / "manifest.parquet").iloc[::-1].to_parquet(folder / "manifest.parquet", index=False)
+    pd.read_parquet(scores).sample(frac=1, random_state=0).to_parquet(scores, index=False)
+    cfg.output_dir = str(tmp_path / "b")
+    assert build_pairs(cfg).held_out["prompts"] == 6
+    assert (tmp_path / "b" / "held_out.txt").read_bytes() == first and len(first.splitlines()) == 6
+
+
+def test_a_prompt_sharing_a_held_out_prompts_text_is_held_out_with_it():
+    manifest = pd.DataFrame({"image_id": ["a0", "a1", "b0", "b1"], "prompt_id": ["a", "a", "b", "b"], "prompt": "the same prompt", "path": "x.png"})
+    cfg = PairsConfig(held_out_prompts=1)
+    tuning, held = split_held_out(manifest, cfg)
+    assert tuning.empty and len(held) == 4
+
+
+def test_the_held_out_file_has_one_prompt_per_line(tmp_path):
+    held = pd.DataFrame({"prompt_id": ["2", "1", "2"], "prompt": ["a cat\nin a hat ", "a dog", "a cat\nin a hat "]})
+    assert write_held_out(held, tmp_path / "h.txt") == 2
+    assert (tmp_path / "h.txt").read_text() == "a dog\na cat in a hat\n"  # in prompt-id order, line breaks folded
+
+
+def test_holding_out_every_prompt_is_an_error_naming_the_key(tmp_path, pool):
+    folder, scores = pool
+    with pytest.raises(PairsError, match="^held_out_prompts: 20 leaves no prompt to fine-tune on"):
+        build_pairs(PairsConfig(generations=str(folder), scores=str(scores), held_out_prompts=20, output_dir=str(tmp_path / "out")))
+
+
+def test_the_held_out_file_is_a_prompt_set_of_evaluate(tmp_path, pool, tiny_rewards):
+    import yaml
+
+    from sr_finetune.cli import main
+
+    folder, scores = pool
+    build_pairs(PairsConfig(generations=str(folder), scores=str(scores), held_out_prompts=4, output_dir=str(tmp_path / "pairs")))
+    # both models are the pool's own images, matched to the held-out prompts by their text
+    section = {"baseline": {"images": str(folder)}, "finetuned": {"pool": {"images": str(folder)}},
+               "prompt_sets": {"held_out": {"prompts": str(tmp_path / "pairs" / "held_out.txt")}}, "output_dir": str(tmp_path / "eval"),
+               "images_per_prompt": 3, "device": "cpu", "metrics": ["clip"], "weights": {"clip": tiny_rewards["weights"]["clip"]}, "num_workers": 0,
+               "bootstrap_samples": 50, "grid_prompts": 1, "examples_per_metric": 0, "thumbnail_size": 32}  # fmt: skip
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"evaluate": section}))
+    assert main(["evaluate", "--config", str(tmp_path / "eval.yaml")]) == 0
+    evaluated = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
+    assert sorted(set(evaluated.prompt)) == sorted(held_out_lines(tmp_path / "pairs")) and evaluated.path.notna().all()
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["prompt_sets"]["held_out"]["prompts_used"] == 4
 
 
 def test_parquet_bytes_regularization_is_written_as_bytes(tmp_path, scored, sid_lsg):
