@@ -177,7 +177,7 @@ def evaluation_markdown(ev: Evaluation, grids: list[str]) -> str:
     report = f"Full report: [{REPO_DIR}/report.html]({REPO_DIR}/report.html) (one self-contained file; download it). " if (ev.root / "report.html").is_file() else ""
     lines = [
         "## Evaluation\n",
-        f"This model (`{model}` in the evaluation) against its base (`{base}`: `{cfg.baseline.path}`), made with "
+        f"This model (`{model}` in the evaluation) against its base (`{base}`: `{cfg.baseline.path or cfg.baseline.images}`), made with "
         f"`sr-finetune evaluate`: prompt sets {sets}; {plural(cfg.images_per_prompt, 'image')} per prompt, made with the same seeds by both "
         f"models ({cfg.scheduler}, {plural(cfg.steps, 'step')}, guidance {cfg.guidance_scale}, {cfg.width}x{cfg.height}); this model is sampled {sampled}, "
         f"the base {'with `' + cfg.baseline.negative_prompt + '`' if cfg.baseline.negative_prompt else 'without one'}. In brackets: {cfg.confidence:.0%} "

@@ -8,7 +8,7 @@
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
     sr-finetune world community | train-base | train-clip | fidelity | pack | materialize ...
-    sr-finetune demo [--config FILE] [--out DIR] [--quick] [--arms sft,swapped] [section.key=value ...]
+    sr-finetune demo [--config FILE] [--out DIR] [--quick] [--arms sft,swapped] [--tastes a,b] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -168,10 +168,14 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_tastes
 
     overrides = list(args.overrides) + ([f"demo.out_dir={args.out}"] if args.out else [])
-    summary = run_demo(args.config, overrides, quick=args.quick, arms=args.arms.split(",") if args.arms else None)
+    arms = args.arms.split(",") if args.arms else None
+    if args.tastes:
+        summary = run_tastes(args.tastes.split(","), args.config, overrides, quick=args.quick, arms=arms)
+    else:
+        summary = run_demo(args.config, overrides, quick=args.quick, arms=arms)
     print(summary.read_text(), end="")
     return 0
 
@@ -276,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output folder (demo.out_dir; default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (the config's demo.quick overrides)")
     demo.add_argument("--arms", help="comma-separated arm presets to fine-tune and compare (default: demo.arms, i.e. sft)")
+    demo.add_argument("--tastes", help="comma-separated community tastes: the demo once per taste in OUT/<taste>, one table in OUT/tastes.md")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. finetune.max_train_steps=100")
     demo.set_defaults(func=_run_demo)
 

@@ -202,4 +202,50 @@ def write_summary(demo) -> Path:
     return path
 
 
-__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "write_summary"]
+def taste_rows(taste: str, data: dict) -> list[dict]:
+    """One row per arm of one taste's ``demo.json``: against the base and the control, the means."""
+    rows = []
+    for arm, m in data["models"].items():
+        control = data["versus"].get(f"{arm} vs {CONTROL_ARM}", {})
+        rows.append({"taste": taste, "arm": arm, "judge_win_rate": m["judge_win_rate"], "judge_ci_low": m["judge_ci_low"], "judge_ci_high": m["judge_ci_high"],
+                     "vs_control": control.get("judge_win_rate"), "vs_control_ci_low": control.get("ci_low"), "vs_control_ci_high": control.get("ci_high"),
+                     JUDGE: m[JUDGE], JUDGE + "_base": m[JUDGE + "_base"], REWARD: m[REWARD], REWARD + "_base": m[REWARD + "_base"],
+                     FIDELITY: m[FIDELITY], FIDELITY + "_base": m[FIDELITY + "_base"]})  # fmt: skip
+    return rows
+
+
+def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bool]]], accuracy: dict[str, float]) -> str:
+    """The comparison over tastes: a row per taste and arm, then each taste's checks."""
+    def ci(low: float | None, high: float | None) -> str:
+        return "" if low is None else f" ({_pct(low)} – {_pct(high)})"
+
+    lines = ["# Demo world over tastes", "", "Judge win-rates are same-seed image pairs on held-out prompts (95% bootstrap CIs over prompts); "
+             f"`vs {CONTROL_ARM}` compares with the random-roles control (fine-tuning on the pool without the reward's direction).", "",
+             f"| taste | arm | vs base | vs {CONTROL_ARM} | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        control = "" if r["vs_control"] is None else _pct(r["vs_control"]) + ci(r["vs_control_ci_low"], r["vs_control_ci_high"])
+        lines.append(f"| {r['taste']} | {r['arm']} | {_pct(r['judge_win_rate'])}{ci(r['judge_ci_low'], r['judge_ci_high'])} | {control} "
+                     f"| {r[JUDGE]:.3f} ({r[JUDGE + '_base']:.3f}) | {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |")  # fmt: skip
+    lines += ["", "Social Reward pairwise accuracy on held-out triplets: " + ", ".join(f"{t} {_pct(a)}" for t, a in accuracy.items()), ""]
+    for taste, items in taste_checks.items():
+        met = sum(ok for _, ok in items)
+        lines += [f"## {taste}: {met} of {len(items)} checks met", ""] + _checklist(items)
+    return "\n".join(lines)
+
+
+def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> Path:
+    """``tastes.md`` and ``tastes.json`` in ``root`` from each taste's ``demo.json``."""
+    rows, taste_checks, accuracy = [], {}, {}
+    for taste, out in runs.items():
+        data = json.loads((out / "demo.json").read_text())
+        rows += taste_rows(taste, data)
+        taste_checks[taste] = [*data["checks"][arms[0]].items(), *data["checks"]["direction"].items()]
+        accuracy[taste] = data["accuracy"][REWARD]["accuracy"]
+    checks_json = {taste: dict(items) for taste, items in taste_checks.items()}
+    (root / "tastes.json").write_text(json.dumps({"rows": rows, "checks": checks_json, "reward_accuracy": accuracy, "runs": {t: str(p) for t, p in runs.items()}}, indent=2))
+    path = root / "tastes.md"
+    path.write_text(tastes_markdown(rows, taste_checks, accuracy))
+    return path
+
+
+__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]

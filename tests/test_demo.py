@@ -229,3 +229,45 @@ def test_a_changed_setting_reruns_its_stage_and_everything_downstream_from_an_em
     assert [c for c, _, _ in calls] == ["train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
     written = load_file(out / "world" / "world_clip.safetensors")["logit_scale"].float()
     assert abs(written - (clip["logit_scale"].float() + 1)) < 0.01  # the new weights (fp16 when shipped)
+
+
+def _demo_json(out, win: float, versus_random: float | None) -> None:
+    models = {"sft": {"judge_win_rate": win, "judge_ci_low": win - 0.06, "judge_ci_high": win + 0.06, "world_judge": 0.6, "world_judge_base": 0.5,
+                      "social_reward": 0.5, "social_reward_base": 0.4, "world_fidelity": 0.12, "world_fidelity_base": 0.14}}  # fmt: skip
+    versus = {} if versus_random is None else {"sft vs random": {"judge_win_rate": versus_random, "ci_low": versus_random - 0.06, "ci_high": versus_random + 0.06}}
+    checks = {"sft": {f"judge win-rate {win}": win >= 0.65}, "direction": {"sft beats random": versus_random is not None and versus_random - 0.06 > 0.5}}
+    out.mkdir(parents=True)
+    (out / "demo.json").write_text(json.dumps({"models": models, "versus": versus, "checks": checks, "accuracy": {"social_reward": {"accuracy": 0.83}}}))
+
+
+def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(tmp_path):
+    from sr_finetune.demo_summary import write_tastes_summary
+
+    runs = {"large-centred": tmp_path / "large-centred", "mod.fn": tmp_path / "mod.fn"}
+    _demo_json(runs["large-centred"], 0.72, 0.66)
+    _demo_json(runs["mod.fn"], 0.40, None)
+    text = write_tastes_summary(tmp_path, runs, ["sft"]).read_text()
+    assert "| large-centred | sft | 72.0% (66.0% – 78.0%) | 66.0% (60.0% – 72.0%) | 0.600 (0.500) | 0.500 (0.400) | 12.0% (14.0%) |" in text
+    assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) |  |" in text  # no control ran there
+    assert "## large-centred: 2 of 2 checks met" in text and "## mod.fn: 0 of 2 checks met" in text
+    data = json.loads((tmp_path / "tastes.json").read_text())
+    assert [(r["taste"], r["arm"]) for r in data["rows"]] == [("large-centred", "sft"), ("mod.fn", "sft")]
+    assert data["reward_accuracy"] == {"large-centred": 0.83, "mod.fn": 0.83}
+
+
+def test_each_taste_runs_in_its_own_folder_and_shares_the_pool(tmp_path, monkeypatch):
+    from sr_finetune import demo as demo_module
+
+    ran = []
+
+    def fake_run(self):
+        ran.append((self.cfg.community.taste, self.out, self.section_config("generate").output_dir))
+        _demo_json(self.out, 0.7, None)
+        return self.out / "summary.md"
+
+    monkeypatch.setattr(demo_module.Demo, "run", fake_run)
+    summary = demo_module.run_tastes(["large-centred", "small-off-centre"], overrides=[f"demo.out_dir={tmp_path}"])
+    assert ran == [("large-centred", tmp_path / "large-centred", str(tmp_path / "pool")), ("small-off-centre", tmp_path / "small-off-centre", str(tmp_path / "pool"))]
+    assert summary == tmp_path / "tastes.md" and summary.is_file()
+    with pytest.raises(ConfigError, match="distinct tastes"):
+        demo_module.run_tastes(["high", "high"], overrides=[f"demo.out_dir={tmp_path}"])
