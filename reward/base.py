@@ -23,11 +23,29 @@ import torch
 from PIL import Image
 
 from sr_finetune.errors import UserError
-from sr_finetune.eval_only import mark_eval_only
+from sr_finetune.eval_only import eval_only_metrics, mark_eval_only
+
+
+class NotDifferentiableError(UserError, NotImplementedError):
+    """A scorer asked for a gradient it cannot give (no differentiable scoring path)."""
+
+
+def not_differentiable(name: str, why: str = "") -> NotDifferentiableError:
+    """The error for metric ``name`` without a differentiable path; evaluation-only ones say so."""
+    if name in eval_only_metrics():
+        return NotDifferentiableError(
+            f"metric '{name}' is evaluation-only (it judges models and must never train them) and has no "
+            "differentiable scoring path; pick a learned reward (clip, aesthetic, pickscore, hpsv2, imagereward, ...)"
+        )
+    return NotDifferentiableError(f"metric '{name}' has no differentiable scoring path" + (f": {why}" if why else ""))
 
 
 class RewardModel(torch.nn.Module, abc.ABC):
-    """Base class of all scorers. Subclasses set ``name`` and implement the three methods."""
+    """Base class of all scorers. Subclasses set ``name`` and implement the three methods.
+
+    Scorers that can serve as an online (differentiable) objective also set ``is_differentiable``
+    and implement ``preprocess_tensor``: the torch counterpart of ``preprocess_image``.
+    """
 
     name: str = ""
 
@@ -52,6 +70,28 @@ class RewardModel(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def score(self, pixel_values: torch.Tensor, text_inputs: Any) -> torch.Tensor:
         """Batched scores, float tensor [N]; row i scores image i against prompt i."""
+
+    @property
+    def is_differentiable(self) -> bool:
+        """True when :meth:`score_tensor` can give gradients with respect to the image."""
+        return False
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W], RGB in [0, 1] -> pixel values as ``preprocess_image`` makes them,
+        with torch ops only, so gradients flow back to ``images``."""
+        raise not_differentiable(self.name)
+
+    def score_tensor(self, images: torch.Tensor, text_inputs: Any) -> torch.Tensor:
+        """Scores [B] of images [B, 3, H, W] in [0, 1], differentiable with respect to ``images``.
+        ``text_inputs``: the prompts (a list of str) or ``tokenize``'s output for them."""
+        if not self.is_differentiable:
+            raise not_differentiable(self.name)
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"score_tensor expects float images [B, 3, H, W] in [0, 1], got {tuple(images.shape)} {images.dtype}")
+        pixels = self.preprocess_tensor(images)
+        if isinstance(text_inputs, (list, tuple)):
+            text_inputs = to_device(self.tokenize(list(text_inputs)), pixels.device)
+        return self.score(pixels, text_inputs)
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image embedding [N, D] the score is computed from, for scorers that have one (the
@@ -155,12 +195,21 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_reward(name: str, weights: str | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", **kwargs: Any) -> RewardModel:
-    """Load a registered reward model; ``weights`` is a hub id or local path (None = published default)."""
+def load_reward(
+    name: str, weights: str | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", *, trainable: bool = False, **kwargs: Any
+) -> RewardModel:
+    """Load a registered reward model; ``weights`` is a hub id or local path (None = published default).
+
+    The scorer comes in eval mode with every parameter frozen (``requires_grad=False``), so a
+    reward used as a differentiable objective passes gradients to the image without
+    accumulating any of its own. ``trainable=True`` unfreezes every parameter instead (give the
+    CLIP scorers ``share_backbone=False`` then, or the shared backbone thaws for all of them);
+    reward training builds its models with its own loaders and does not come through here."""
     _import_builtin_scorers()
     if name not in _REGISTRY:
         raise UserError(f"unknown reward model '{name}' (available: {', '.join(sorted(_REGISTRY))})")
     model = _REGISTRY[name](weights=weights, device=device, dtype=dtype, **kwargs)
+    model.requires_grad_(trainable)
     return model.eval()
 
 

@@ -41,7 +41,7 @@ from sr_finetune.models import resolve_device
 
 from .base import PromptFreeReward, RewardModel, encode_distinct_rows, register_reward
 from .openai_clip import OpenAICLIPBackbone, download_openai_vit_l_14, load_openai_clip_backbone, resolve_weights_file
-from .preprocess import open_clip_tokens_key, openai_clip_key, openai_clip_transform
+from .preprocess import open_clip_tokens_key, openai_clip_key, openai_clip_tensor_transform, openai_clip_transform
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,13 @@ class CLIPScoreReward(RewardModel):
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
+
+    @property
+    def is_differentiable(self) -> bool:
+        return True
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return openai_clip_tensor_transform(images, self.backbone.image_size)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         from open_clip.tokenizer import tokenize
@@ -146,6 +153,13 @@ class CLIPImageReward(PromptFreeReward):
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
+
+    @property
+    def is_differentiable(self) -> bool:
+        return True
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return openai_clip_tensor_transform(images, self.backbone.image_size)
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The unnormalised CLIP image embedding (cached per batch: free after ``score``)."""

@@ -80,7 +80,7 @@ _NAMED_CONFIGS = {"ViT-H-14": VIT_H_14_CONFIG, "tiny": TINY_HPS_CONFIG}
 
 
 def resize_longest_and_pad(pixels: torch.Tensor, size: int = 224, antialias: bool = False) -> torch.Tensor:
-    """hpsv2's ``ResizeMaxSize`` on a [C, H, W] tensor: bicubic resize so the longer side is
+    """hpsv2's ``ResizeMaxSize`` on a [C, H, W] tensor (or a batch [B, C, H, W]; differentiable): bicubic resize so the longer side is
     ``size`` (new dims by Python ``round``, which sends .5 to even), then zero-pad to a centred
     square with left/top = pad // 2. Images whose longer side is already ``size`` are only padded
     (the reference returns them unpadded, see the module docstring)."""
@@ -132,6 +132,15 @@ class HPSv2Reward(RewardModel):
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return hps_preprocess(image, self.image_size, self.antialias)
+
+    @property
+    def is_differentiable(self) -> bool:
+        return True
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """The reference's own tensor transform on the batch: it already resizes a float tensor
+        (torch bicubic, ``antialias`` as configured, no clamp), so no PIL step is mimicked."""
+        return TF.normalize(resize_longest_and_pad(images, self.image_size, self.antialias), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         from open_clip.tokenizer import tokenize

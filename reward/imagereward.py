@@ -55,7 +55,7 @@ from .blip import (
     infer_vision_config,
     vision_config_from_dict,
 )
-from .preprocess import openai_clip_key, openai_clip_transform
+from .preprocess import openai_clip_key, openai_clip_tensor_transform, openai_clip_transform
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,13 @@ class ImageRewardModel(RewardModel):
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
+
+    @property
+    def is_differentiable(self) -> bool:
+        return True
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        return openai_clip_tensor_transform(images, self.blip.vision_config.image_size)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")

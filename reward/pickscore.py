@@ -48,8 +48,19 @@ from sr_finetune.clip_vocab import VOCAB_SIZE, write_clip_tokenizer
 from sr_finetune.errors import UserError
 from sr_finetune.models import resolve_device, resolve_dtype
 
-from .base import RewardModel, drop_padding_columns, encode_distinct_rows, register_reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, apply_lookup, convert_rgb, lookup_tables, resize_shortest_edge
+from .base import RewardModel, drop_padding_columns, encode_distinct_rows, not_differentiable, register_reward
+from .preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    apply_lookup,
+    center_crop_tensor,
+    convert_rgb,
+    lookup_tables,
+    normalize_tensor,
+    resize_shortest_edge,
+    resize_shortest_edge_tensor,
+    tensor_resample_mode,
+)
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -93,6 +104,23 @@ class PickScoreReward(RewardModel):
         if self.fast_path is not None:
             return self.fast_path(image)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    @property
+    def is_differentiable(self) -> bool:
+        return self.fast_path is not None and tensor_resample_mode(self.fast_path.resample) is not None
+
+    def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """The processor's steps in torch: shortest-edge resize (PIL's two passes, see
+        :func:`resize_shortest_edge_tensor`), floor-offset centre crop, rescale and normalise."""
+        if not self.is_differentiable:
+            raise not_differentiable(self.name, "its image processor's settings are not the plain CLIP ones")
+        processor = self.image_processor
+        resized = resize_shortest_edge_tensor(images, self.fast_path.shortest_edge, self.fast_path.resample)
+        cropped = center_crop_tensor(resized, *self.fast_path.crop, offset="floor")
+        scale = float(processor.rescale_factor) * 255.0  # images are already in [0, 1]: 1/255 gives 1
+        if abs(scale - 1.0) > 1e-9:
+            cropped = cropped * scale
+        return normalize_tensor(cropped, tuple(processor.image_mean), tuple(processor.image_std))
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
@@ -78,12 +79,8 @@ def resize_shortest_edge(image: Image.Image, size: int, resample: int = Image.BI
     cached = getattr(_last_resize, "entry", None)
     if cached is not None and cached[0] is image and cached[1] == key:
         return cached[2]
-    width, height = image.size
-    if width <= height:
-        target = (size, int(size * height / width))
-    else:
-        target = (int(size * width / height), size)
-    resized = image.resize(target, resample)
+    height, width = shortest_edge_size(image.height, image.width, size)
+    resized = image.resize((width, height), resample)
     _last_resize.entry = (image, key, resized)
     return resized
 
@@ -123,3 +120,74 @@ def openai_clip_key(size: int) -> str:
 def open_clip_tokens_key(context_length: int) -> str:
     """The ``tokenize_key`` of open_clip's ``tokenize`` (= ``clip.tokenize(..., truncate=True)``)."""
     return f"open_clip-{context_length}"
+
+
+# --------------------------------------------------------------------------- differentiable (tensor) path
+#
+# Online objectives score images the model has just decoded, as tensors in [0, 1] that must keep
+# their gradient. These functions are the torch counterparts of the PIL transforms above; they
+# agree with them up to PIL's rounding to uint8 (see tests/test_differentiable_scoring.py).
+
+_TENSOR_MODES = {int(Image.BICUBIC): "bicubic", int(Image.BILINEAR): "bilinear"}
+
+
+def tensor_resample_mode(resample: int) -> str | None:
+    """The ``F.interpolate`` mode that mimics PIL filter ``resample`` (antialiased), or None."""
+    return _TENSOR_MODES.get(int(resample))
+
+
+def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after :func:`resize_shortest_edge`: shorter side ``size``, longer truncated."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def resize_shortest_edge_tensor(images: torch.Tensor, size: int, resample: int = Image.BICUBIC) -> torch.Tensor:
+    """:func:`resize_shortest_edge` for a batch [B, C, H, W] in [0, 1], differentiably.
+
+    PIL resamples in two passes, horizontal then vertical (skipping a pass whose size does not
+    change), and clips to [0, 255] after each; torch's antialiased bicubic uses PIL's kernel
+    (a = -0.5, support widened by the downscale factor). Doing the same two passes with a clamp
+    after each brings the result within one uint8 level of PIL's on real images; a single 2-D
+    pass differs by up to ~6 levels where the kernel overshoots near edges."""
+    mode = tensor_resample_mode(resample)
+    if mode is None:
+        raise ValueError(f"no differentiable counterpart of PIL resample filter {resample} (bicubic and bilinear have one)")
+    height, width = images.shape[-2:]
+    new_height, new_width = shortest_edge_size(height, width, size)
+    out = images
+    if new_width != width:
+        out = F.interpolate(out, size=(height, new_width), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+    if new_height != height:
+        out = F.interpolate(out, size=(new_height, new_width), mode=mode, antialias=True, align_corners=False).clamp(0, 1)
+    return out
+
+
+def center_crop_tensor(images: torch.Tensor, height: int, width: int, offset: str = "round") -> torch.Tensor:
+    """Centre crop of [..., H, W] (no padding: the image must be at least the crop's size).
+    ``offset="round"``: torchvision's ``int(round(excess / 2))`` (round half to even);
+    ``"floor"``: transformers' ``excess // 2``; the two differ by 1 px for odd excesses."""
+    full_height, full_width = images.shape[-2:]
+    if full_height < height or full_width < width:
+        raise ValueError(f"cannot centre crop {full_height}x{full_width} to {height}x{width}")
+    if offset == "round":
+        top, left = int(round((full_height - height) / 2.0)), int(round((full_width - width) / 2.0))
+    elif offset == "floor":
+        top, left = (full_height - height) // 2, (full_width - width) // 2
+    else:
+        raise ValueError(f"offset must be 'round' or 'floor', got {offset!r}")
+    return images[..., top : top + height, left : left + width]
+
+
+def normalize_tensor(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(images - mean) / std`` per channel of [B, C, H, W], out of place."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def openai_clip_tensor_transform(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """:func:`openai_clip_transform` for a batch [B, 3, H, W] of RGB values in [0, 1], differentiably."""
+    resized = resize_shortest_edge_tensor(images, size, Image.BICUBIC)
+    return normalize_tensor(center_crop_tensor(resized, size, size, "round"), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
