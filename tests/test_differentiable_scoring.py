@@ -6,12 +6,13 @@ whose odd crop excesses tell torchvision's rounded crop offset from transformers
 tiny scorers, fp32 on the CPU. Largest |score_tensor - score_images| as a share of the score
 spread over the batch (max - min):
 
-    clip 0.04 %, social_reward 0.04 %, aesthetic 0.14 %, social_aesthetic 0.19 %,
+    clip 0.03 %, social_reward 0.04 %, aesthetic 0.14 %, social_aesthetic 0.19 %,
     pickscore 0.07 %, imagereward 0.08 %, hpsv2 0.00 % (1.2e-7 absolute: the same tensor ops)
 
-Pixels: the tensor path is within 1.02 uint8 levels of the PIL path everywhere (PIL rounds to
-uint8 after each of its two resampling passes); hpsv2's reference transform already works on
-tensors and is matched exactly. The tests assert 1 % of the spread and 1.5 levels.
+Pixels: the tensor path is within 1.06 uint8 levels of the PIL path everywhere (1.03 on the
+squares), since PIL rounds to uint8 after each of its two resampling passes; a one-pass 2-D
+resize would be up to 6.5 levels off. hpsv2's reference transform already works on tensors
+and is matched exactly. The tests assert 1 % of the spread and 1.5 levels.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from reward.social_aesthetic import SocialAestheticHead, save_head
 DIFFERENTIABLE = ["clip", "social_reward", "aesthetic", "social_aesthetic", "pickscore", "hpsv2", "imagereward"]
 CROPS = {"square": None, "landscape": (0, 0, 512, 383), "portrait": (7, 0, 300, 512)}
 SCORE_SHARE_OF_SPREAD = 0.01  # measured at most 0.0019 (module docstring)
-PIXEL_LEVELS = 1.5 / 255  # measured at most 1.02 / 255
+PIXEL_LEVELS = 1.5 / 255  # measured at most 1.06 / 255
 IMAGES = 24
 
 
