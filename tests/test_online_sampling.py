@@ -96,7 +96,7 @@ def test_reevaluating_a_transition_under_unchanged_weights_gives_ratio_one(unet,
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_trajectory_equals_diffusers_own_ddim_loop(unet, scheduler, inputs, tiny_sd, eta):
+def test_trajectory_equals_diffusers_own_ddim_loop(unet, scheduler, inputs, eta):
     latents, cond, uncond = inputs
     trajectory = sample(unet, scheduler, inputs, eta=eta)
     reference = DDIMScheduler.from_config(scheduler.config)
