@@ -213,6 +213,17 @@ def load_reward(
     return model.eval()
 
 
+def load_training_reward(name: str, weights: str | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32", **kwargs: Any) -> RewardModel:
+    """A reward to train on (an online objective's): like :func:`load_reward`, but an
+    evaluation-only metric is refused with a one-line ConfigError before anything loads."""
+    from sr_finetune.errors import ConfigError
+    from sr_finetune.eval_only import refuse_eval_only
+
+    _import_builtin_scorers()
+    refuse_eval_only(name, "finetune.online.reward", error=ConfigError)
+    return load_reward(name, weights=weights, device=device, dtype=dtype, **kwargs)
+
+
 def load_rewards(specs: dict[str, dict[str, Any]], device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> dict[str, RewardModel]:
     """Several reward models, ``{name: load_reward kwargs}`` -> ``{name: model}`` in that order.
 

@@ -80,9 +80,11 @@ def _build_pairs(cfg):
 
 
 def _finetune(cfg):
+    from reward import load_training_reward
+
     from .training import run_finetune
 
-    return run_finetune(cfg)
+    return run_finetune(cfg, reward_loader=load_training_reward)
 
 
 def _score(cfg):
@@ -228,7 +230,7 @@ STAGES = [
     ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
     ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
     ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
-    ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set (resumable, multi-process)"),
+    ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set, or online on prompts and a reward (resumable, multi-process)"),
     ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
 ]
 

@@ -28,6 +28,7 @@ class TrainingProgress:
     epoch: int = 0
     batches_in_epoch: int = 0
     data_layout: str = ""  # what a batch index means: rows, batch size, processes, accumulation
+    images_sampled: int = 0  # online objectives: images sampled by all processes since step 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +41,7 @@ class TrainingProgress:
                 "an exact resume needs the same data, batch size, number of processes and accumulation (or start a new output_dir)"
             )
         self.global_step, self.epoch, self.batches_in_epoch = (int(state[k]) for k in ("global_step", "epoch", "batches_in_epoch"))
+        self.images_sampled = int(state.get("images_sampled", 0))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -7,7 +7,7 @@ fine-tuned at 1e-5); the rest are the usual Stable Diffusion fine-tuning default
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..config import require
 
@@ -16,7 +16,9 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REPORT_TO = ("tensorboard", "wandb", "none")
-OBJECTIVES = ("sft", "dpo")
+OFFLINE_OBJECTIVES = ("sft", "dpo")  # learn from a fixed fine-tune set
+ONLINE_OBJECTIVES = ("backprop", "pg")  # sample from the model being trained, score, update
+OBJECTIVES = OFFLINE_OBJECTIVES + ONLINE_OBJECTIVES
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -32,6 +34,38 @@ class LoraSettings:
         require(self.rank >= 0, "rank", f"must be >= 0 (0 turns LoRA off), got {self.rank}")
         require(self.alpha is None or self.alpha > 0, "alpha", f"must be positive, got {self.alpha}")
         require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class OnlineSettings:
+    """The online objectives (``objective: backprop | pg``): sample from the model being trained,
+    score with a reward, update. See ``sr_finetune/training/online.py`` for what each does."""
+
+    prompts: Optional[str] = None  # a prompt file or a named set, read as `generate` reads them (sr_finetune.prompts)
+    prompt_column: Optional[str] = None  # for table files without a 'prompt' column
+    reward: Optional[str] = None  # a metric name of the reward registry (clip, aesthetic, social_reward, ...)
+    reward_weights: Optional[str] = None  # hub id or local path of the reward's weights (None = its published default)
+    reward_options: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the reward's loader
+    prompts_per_step: int = 2  # per process and step
+    group_size: int = 4  # images per prompt; pg normalises rewards within each prompt's group
+    num_steps: int = 20  # DDIM steps of each sample
+    guidance_scale: float = 5.0
+    eta: float = 1.0  # DDIM stochasticity; pg needs eta > 0 (each step then has a log-probability)
+    grad_steps: int = 1  # backprop: keep gradients through the last K denoising steps (DRaFT-K; K = num_steps: AlignProp without truncation)
+    kl_weight: float = 0.0  # weight of the anchor to the starting model (0 = off); see online.py for the term of each objective
+    inner_epochs: int = 1  # pg: optimizer steps on each sampled batch
+    timestep_fraction: float = 1.0  # pg: share of the denoising steps trained on per inner epoch (a seeded random subset)
+    clip_range: float = 1e-4  # pg: PPO clip of the importance ratio (DDPO's default)
+
+    def validate(self) -> None:
+        for key in ("prompts_per_step", "group_size", "num_steps", "inner_epochs"):
+            require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        require(self.guidance_scale >= 1.0, "guidance_scale", f"must be >= 1 (1 = no classifier-free guidance), got {self.guidance_scale}")
+        require(self.eta >= 0, "eta", f"must be >= 0, got {self.eta}")
+        require(1 <= self.grad_steps <= self.num_steps, "grad_steps", f"must be in [1, num_steps={self.num_steps}], got {self.grad_steps}")
+        require(self.kl_weight >= 0, "kl_weight", f"must be >= 0 (0 turns the anchor off), got {self.kl_weight}")
+        require(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        require(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
 
 
 @dataclass
@@ -51,7 +85,9 @@ class FinetuneConfig:
     prediction_type: Optional[str] = None  # None = the model's scheduler; set it to assert what you expect
     # sft: the denoising loss on every row (Social Reward). dpo: Diffusion-DPO (Wallace et al. 2023)
     # on the pair table `dataset/pairs` (build-pairs with keep_pairs=true), against the starting model.
+    # backprop (AlignProp / DRaFT-K) and pg (DDPO with group advantages): online, on `online.prompts`.
     objective: str = "sft"
+    online: OnlineSettings = field(default_factory=OnlineSettings)
     # Diffusion-DPO's beta: 5000, the default of `--beta_dpo` in the authors' train.py and the value
     # of their SD 1.5 launcher, launchers/sd15.sh (github.com/SalesforceAIResearch/DiffusionDPO);
     # it goes with the 1/2 and the per-element mean of losses.diffusion_dpo_loss.
@@ -143,4 +179,29 @@ class FinetuneConfig:
             problem = repo_id_problem(self.hub_model_id)
             require(problem is None, "hub_model_id", f"'{self.hub_model_id}' is not a hub repo id: {problem}")
         require(bool(self.negative_token.strip()), "negative_token", "must not be empty")
+        if self.objective in ONLINE_OBJECTIVES:
+            self.validate_online()
         require(0.0 <= self.empty_prompt_share < 1.0, "empty_prompt_share", f"must be in [0, 1), got {self.empty_prompt_share}")
+
+    def validate_online(self) -> None:
+        """What an online objective needs and refuses (it samples its own images from prompts)."""
+        objective = f"objective={self.objective}"
+        require(self.train_unet, "train_unet", f"{objective} trains the UNet that samples; set train_unet=true")
+        require(self.max_train_steps is not None, "max_train_steps", f"{objective} has no epochs over a fine-tune set; set max_train_steps (one step = one sampled batch)")
+        require(not self.dataset, "dataset", f"{objective} samples its own images from online.prompts; remove dataset (it trains on no fine-tune set)")
+        require(self.gradient_accumulation_steps == 1, "gradient_accumulation_steps", f"{objective} makes one update per sampled batch; set it to 1 and grow online.prompts_per_step instead")
+        require(self.snr_gamma is None, "snr_gamma", f"weights the sft loss; {objective} does not use it (set snr_gamma=null)")
+        require(self.objective != "pg" or self.online.eta > 0, "online.eta", "objective=pg needs eta > 0: a deterministic DDIM step (eta=0) has no log-probability")
+        require(self.objective != "pg" or self.online.group_size >= 2, "online.group_size", "objective=pg normalises rewards within each prompt's group; it needs group_size >= 2")
+
+    def check_inputs(self) -> None:
+        """The inputs a run needs, checked before any model loads (a config section may be filled in
+        by another stage, so these are not part of ``validate``)."""
+        from ..errors import ConfigError
+
+        if self.objective in ONLINE_OBJECTIVES:
+            for key, what in (("prompts", "a prompt file or a named set, e.g. ddpo-animals"), ("reward", "a reward metric, e.g. aesthetic")):
+                if not getattr(self.online, key):
+                    raise ConfigError(f"config error: finetune.online.{key} is required for objective={self.objective} ({what})")
+        elif not self.dataset:
+            raise ConfigError("config error: finetune.dataset is required (a folder written by datasets.save_to_disk, e.g. from build-pairs)")

@@ -91,11 +91,16 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         "use_ema": cfg.use_ema, "ema_decay": cfg.ema_decay if cfg.use_ema else None, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
         "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight} if cfg.objective == "dpo" else {}),
     }
+    if cfg.objective in ("backprop", "pg"):
+        hyper.update({f"online.{k}": v for k, v in vars(cfg.online).items() if k not in ("prompts", "reward_options")})
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     count_rows = "\n".join(f"| {role} | {n} |" for role, n in counts.items())
     token = cfg.negative_token
     rejected_format = (pairs_summary or {}).get("config", {}).get("rejected_format")
-    if cfg.objective == "dpo":
+    if cfg.objective in ("backprop", "pg"):
+        method = f"online, {online_method(cfg)}. Trained: {trained}."
+        usage = 'image = pipe("a photo of a red fox in the snow").images[0]'
+    elif cfg.objective == "dpo":
         regularization = f", plus {cfg.dpo_sft_weight} x the denoising loss on a regularisation set" if cfg.dpo_sft_weight else ""
         method = (f"by Diffusion-DPO (Wallace et al. 2023, beta {cfg.dpo_beta:g}) on one pair per prompt,\n"
                   f"the best- against the worst-rated image, with the base model as reference{regularization}. Trained: {trained}.")
@@ -104,7 +109,11 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         method = (f"after *Social Reward* (Isajanyan et al., ICLR 2024):\nthe best-rated image of each prompt is trained on with its prompt as caption,\n"
                   f"{rejected_sentence(token, rejected_format)},\nand a regularisation set keeps the model close to its base. Trained: {trained}.")
         usage = f'image = pipe("a photo of a red fox in the snow", negative_prompt="{token}").images[0]'
-    use = "" if cfg.objective == "dpo" else "The negative token names what the model learned to avoid. Pass it as the negative prompt:\n\n"
+    use = "" if cfg.objective != "sft" else "The negative token names what the model learned to avoid. Pass it as the negative prompt:\n\n"
+    if cfg.objective in ("backprop", "pg"):
+        data_text, count_header = f"No fixed fine-tune set: the model sampled its own training images from the prompts `{cfg.online.prompts}`.", "source | count"
+    else:
+        data_text, count_header = curation_text(pairs_summary, cfg.dataset), "role | rows"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -126,9 +135,9 @@ pipe = StableDiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}")
 
 ## Training data
 
-{curation_text(pairs_summary, cfg.dataset)}
+{data_text}
 
-| role | rows |
+| {count_header} |
 | --- | --- |
 {count_rows}
 
@@ -139,6 +148,19 @@ pipe = StableDiffusionPipeline.from_pretrained("{REPO_PLACEHOLDER}")
 {rows}
 """
     return str(ModelCard(content))
+
+
+def online_method(cfg) -> str:
+    """What an online objective did, in a sentence for the model card."""
+    o = cfg.online
+    anchor = f", anchored to the base model (kl_weight {o.kl_weight:g})" if o.kl_weight else ""
+    if cfg.objective == "backprop":
+        what = (f"by reward backpropagation (AlignProp / DRaFT-K, K={o.grad_steps} of {o.num_steps} DDIM steps): the gradient of the "
+                f"`{o.reward}` reward flowed back through the VAE and the last {o.grad_steps} denoising steps")
+    else:
+        what = (f"by group policy gradient (DDPO with per-prompt group-normalised advantages over {o.group_size} images per prompt, "
+                f"PPO clip {o.clip_range:g}, {o.inner_epochs} inner epochs) on the `{o.reward}` reward")
+    return f"{what}, sampling with guidance {o.guidance_scale:g} and eta {o.eta:g}{anchor}"
 
 
 def write_model_card(output_dir: Path, text: str) -> Path:

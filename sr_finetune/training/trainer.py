@@ -3,11 +3,17 @@
 Supported:
 - full fine-tune of the UNet and/or the text encoder (separate learning rates), or LoRA on the
   UNet attention projections (merged into the saved UNet); the VAE is always frozen;
-- two objectives (``objective``): ``sft``, the denoising loss on every row of the fine-tune set
-  (Social Reward), and ``dpo``, Diffusion-DPO (Wallace et al. 2023) on the pair table that
+- two offline objectives (``objective``): ``sft``, the denoising loss on every row of the fine-tune
+  set (Social Reward), and ``dpo``, Diffusion-DPO (Wallace et al. 2023) on the pair table that
   build-pairs writes with ``keep_pairs: true``, against the starting model as reference (a frozen
   copy, or the UNet with its LoRA adapters off), optionally plus ``dpo_sft_weight`` times the
   denoising loss on the regularisation rows; every option below works with both;
+- two online objectives on ``online.prompts`` instead of a fine-tune set (``sr_finetune/training/online.py``):
+  ``backprop`` (AlignProp / DRaFT-K: the reward's gradient through the last K DDIM steps) and ``pg``
+  (DDPO with per-prompt group advantages and PPO clipping), with an optional anchor to the starting
+  model; the options below work with them too, except as refused below. Per step they log the mean
+  reward, the mean within-group reward std, the anchor / KL term, the clip fraction (pg), the
+  images sampled so far and the seconds (``FinetuneSummary.history`` holds them for the run);
 - epsilon and v_prediction models (read from the model's scheduler), min-SNR-gamma weighting (sft),
   noise offset, EMA of the trained weights, gradient accumulation and clipping, AdamW (fused on
   CUDA and CPU) or 8-bit AdamW (bitsandbytes), fp16 / bf16 mixed precision, gradient checkpointing,
@@ -22,6 +28,10 @@ Supported:
   as negative prompt for sft, the training text encoder reused) to ``validation/`` and the tracker.
 
 Refused (config errors): nothing to train; LoRA without ``train_unet``; ``snr_gamma`` with ``dpo``;
+online objectives with a ``dataset``, without ``online.prompts``, ``online.reward`` or ``max_train_steps``,
+with ``gradient_accumulation_steps`` > 1, ``snr_gamma`` or a frozen UNet; an evaluation-only reward
+(world_judge, world_fidelity); ``backprop`` with a reward that has no differentiable path; ``pg`` with
+``eta`` = 0 or ``group_size`` < 2;
 ``dpo`` on a fine-tune set without its pair table; ``cache_latents`` with
 random crops; a ``prediction_type`` the model's scheduler does not have; ``push_to_hub`` without
 a well-formed ``hub_model_id``, without a hub token or with ``HF_HUB_OFFLINE`` set (checked before
@@ -50,9 +60,10 @@ from ..hub import HubError, check_hub_access, push_folder
 from ..progress import progress as progress_bar
 from ..progress import quiet_library_bars
 from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
-from .config import FinetuneConfig
+from .config import ONLINE_OBJECTIVES, FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, encode_texts, load_finetune_table, role_counts
 from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
+from .online import OBJECTIVE_STEPS, OnlineRun, RewardLoader, images_per_step, load_online_reward
 from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
 from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
 from .reference import Reference, frozen_copy
@@ -75,7 +86,8 @@ class FinetuneSummary:
     role_counts: dict = field(default_factory=dict)
     peak_memory_gb: float | None = None
     hub_url: str | None = None
-    metrics: dict = field(default_factory=dict)  # dpo: the last step's reward_accuracy, reward_margin (and sft_loss)
+    metrics: dict = field(default_factory=dict)  # the last step's monitors (dpo: reward_accuracy, reward_margin, sft_loss; online: reward_mean, ...)
+    history: list = field(default_factory=list)  # online objectives: one dict of monitors per step of this run
 
     def line(self) -> str:
         rate = self.images_seen / self.seconds if self.seconds > 0 else 0.0
@@ -273,17 +285,18 @@ def gathered_metrics(metrics: dict, accelerator) -> dict:
     return dict(zip(metrics, values.tolist()))
 
 
-def checked_loss(loss: torch.Tensor, accelerator, batch: dict, step: int, epoch: int, batch_index: int) -> float:
-    """The loss averaged over processes; a NaN/inf on any process stops every process with a UserError."""
+def checked_loss(loss: torch.Tensor, accelerator, prompt_ids: list, step: int, position: str) -> float:
+    """The loss averaged over processes; a NaN/inf on any process stops every process with a UserError
+    naming the step, ``position`` (where in the data) and the prompt ids of the offending batch."""
     losses = accelerator.gather(loss.detach().float().reshape(1))
     if torch.isfinite(losses).all():
         return losses.mean().item()
     from accelerate.utils import gather_object
 
-    bad_ids = gather_object(list(batch["prompt_id"]) if not torch.isfinite(loss).item() else [])
+    bad_ids = gather_object([str(i) for i in prompt_ids] if not torch.isfinite(loss).item() else [])
     value = losses[~torch.isfinite(losses)][0].item()
     raise UserError(
-        f"loss is {value} at step {step} (epoch {epoch}, batch {batch_index}); prompt ids of the batch: {', '.join(bad_ids)}. "
+        f"loss is {value} at step {step} ({position}); prompt ids of the batch: {', '.join(bad_ids)}. "
         "Lower the learning rate, prefer bf16 to fp16, or inspect these rows; earlier checkpoints are intact"
     )
 
@@ -329,69 +342,10 @@ def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae,
     return images
 
 
-# ---------------------------------------------------------------------------------------------
-# the run
-
-
-@quiet_library_bars()
-def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
-    """Fine-tune ``cfg.model`` on the fine-tune set ``cfg.dataset``; save a pipeline into ``cfg.output_dir``."""
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    from ..models import load_components
-
-    if not cfg.dataset:
-        raise ConfigError("config error: finetune.dataset is required (a folder written by datasets.save_to_disk, e.g. from build-pairs)")
-    if cfg.push_to_hub:  # before any training: a push that cannot work must not cost a run
-        try:
-            check_hub_access(cfg.hub_model_id)
-        except HubError as exc:
-            raise HubError(f"push_to_hub=true: {exc}; nothing was trained (or set push_to_hub=false and upload later with `sr-finetune push`)") from None
-    warn_if_single_cpu_launch()
-    output_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, output_dir)
-    device, is_main = accelerator.device, accelerator.is_main_process
-    set_seed(cfg.seed)  # LoRA's initial weights; everything random after this has its own seed
-
-    table = load_finetune_table(cfg.dataset)  # checked before any model loads
-    dpo = cfg.objective == "dpo"
-    if dpo:
-        pairs = load_pair_table(cfg.dataset)
-        regularization = rows_with_role(table, "regularization") if cfg.dpo_sft_weight else None
-        if cfg.dpo_sft_weight and regularization is None:
-            raise UserError(f"dpo_sft_weight={cfg.dpo_sft_weight} trains on the regularization rows, but {cfg.dataset} has none (set dpo_sft_weight=0)")
-        counts = {"pairs": len(pairs), "regularization": 0 if regularization is None else len(regularization)}
-        table = pair_image_table(pairs, regularization)
-    else:
-        counts = role_counts(table)
-        check_negative_token(table, cfg.negative_token)
-
-    # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
-    parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
-    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler
-    prediction_type = resolve_prediction_type(cfg, noise_scheduler)
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    vae.requires_grad_(False)
-    unet.requires_grad_(cfg.train_unet)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    if dpo:  # the starting model, before any adapter or training touches it
-        reference_unet = frozen_copy(unet, device, weight_dtype) if cfg.train_unet and not cfg.lora.rank else None
-        reference_text_encoder = frozen_copy(text_encoder, device, weight_dtype) if cfg.train_text_encoder else None
-    if cfg.lora.rank:
-        add_lora(unet, cfg)
-    if cfg.gradient_checkpointing:
-        if cfg.train_unet:
-            unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    unet_dtype = torch.float32 if cfg.train_unet else weight_dtype
-    place(vae, device, weight_dtype)
-    place(unet, device, unet_dtype)
-    place(text_encoder, device, torch.float32 if cfg.train_text_encoder else weight_dtype)
-
-    # --- data
+def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, text_encoder, tokenizer, output_dir: Path, weight_dtype: torch.dtype, dpo: bool):
+    """The fine-tune set's DataLoader (latent / text caches built first), its sampler, and the run's
+    number of optimizer steps and epochs."""
+    device = accelerator.device
     cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
     table = build_cached_table(
         table, accelerator=accelerator, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, cfg=cfg, cache_dir=output_dir / "cache",
@@ -415,13 +369,104 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     max_train_steps = cfg.max_train_steps or cfg.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
 
+    return loader, sampler, max_train_steps, num_epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@quiet_library_bars()
+def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None) -> FinetuneSummary:
+    """Fine-tune ``cfg.model`` on the fine-tune set ``cfg.dataset`` (sft, dpo) or online on
+    ``cfg.online.prompts`` (backprop, pg: ``reward_loader(name, weights=..., device=..., **options)``
+    loads the reward; the command layer passes ``reward.load_training_reward``); save a pipeline
+    into ``cfg.output_dir``."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ..models import load_components
+
+    cfg.check_inputs()
+    online = cfg.objective in ONLINE_OBJECTIVES
+    if cfg.push_to_hub:  # before any training: a push that cannot work must not cost a run
+        try:
+            check_hub_access(cfg.hub_model_id)
+        except HubError as exc:
+            raise HubError(f"push_to_hub=true: {exc}; nothing was trained (or set push_to_hub=false and upload later with `sr-finetune push`)") from None
+    warn_if_single_cpu_launch()
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    set_seed(cfg.seed)  # LoRA's initial weights; everything random after this has its own seed
+
+    dpo = cfg.objective == "dpo"
+    if online:  # the prompts and the reward are checked before the diffusion model loads
+        from ..prompts import load_prompts
+
+        prompt_set = load_prompts(cfg.online.prompts, column=cfg.online.prompt_column)
+        reward = load_online_reward(cfg, reward_loader, device)
+        counts = {"prompts": len(prompt_set)}
+    else:
+        table = load_finetune_table(cfg.dataset)  # checked before any model loads
+    if dpo:
+        pairs = load_pair_table(cfg.dataset)
+        regularization = rows_with_role(table, "regularization") if cfg.dpo_sft_weight else None
+        if cfg.dpo_sft_weight and regularization is None:
+            raise UserError(f"dpo_sft_weight={cfg.dpo_sft_weight} trains on the regularization rows, but {cfg.dataset} has none (set dpo_sft_weight=0)")
+        counts = {"pairs": len(pairs), "regularization": 0 if regularization is None else len(regularization)}
+        table = pair_image_table(pairs, regularization)
+    elif not online:
+        counts = role_counts(table)
+        check_negative_token(table, cfg.negative_token)
+
+    # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
+    parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
+    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler
+    prediction_type = resolve_prediction_type(cfg, noise_scheduler)
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    vae.requires_grad_(False)
+    unet.requires_grad_(cfg.train_unet)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    anchored = dpo or (online and cfg.online.kl_weight > 0)
+    if anchored:  # the starting model, before any adapter or training touches it
+        reference_unet = frozen_copy(unet, device, weight_dtype) if cfg.train_unet and not cfg.lora.rank else None
+        reference_text_encoder = frozen_copy(text_encoder, device, weight_dtype) if cfg.train_text_encoder else None
+    if cfg.lora.rank:
+        add_lora(unet, cfg)
+    if cfg.gradient_checkpointing:
+        if cfg.train_unet and cfg.objective != "backprop":  # backprop checkpoints whole UNet calls of the kept DDIM steps
+            unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet_dtype = torch.float32 if cfg.train_unet else weight_dtype
+    place(vae, device, weight_dtype)
+    place(unet, device, unet_dtype)
+    place(text_encoder, device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+
+    # --- data
+    if online:
+        loader = sampler = None
+        max_train_steps, num_epochs = cfg.max_train_steps, 1
+        updates_per_step = cfg.online.inner_epochs if cfg.objective == "pg" else 1
+        rows = f"{len(prompt_set)} prompts from {cfg.online.prompts}"
+        layout = f"{rows}, {cfg.online.prompts_per_step} prompts x {cfg.online.group_size} images x {accelerator.num_processes} processes"
+    else:
+        loader, sampler, max_train_steps, num_epochs = build_loader(cfg, table, counts, accelerator, vae, text_encoder, tokenizer, output_dir, weight_dtype, dpo)
+        updates_per_step = 1
+        rows = (f"{len(loader.dataset)} pairs" + (" + regularization" if counts["regularization"] else "")) if dpo else f"{len(loader.dataset)} rows"
+        layout = f"{rows}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}"
+
     # --- optimizer, schedule, EMA
     trained = {name: module for name, module, on in (("unet", unet, cfg.train_unet), ("text_encoder", text_encoder, cfg.train_text_encoder)) if on}
     lrs = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr}
     param_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lrs[name]} for name, m in trained.items()]
     optimizer = build_optimizer(cfg, param_groups, device)
     # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes, num_training_steps=max_train_steps * accelerator.num_processes)
+    # (pg makes inner_epochs optimizer steps per training step; warmup and length count training steps)
+    lr_steps = updates_per_step * accelerator.num_processes
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * lr_steps, num_training_steps=max_train_steps * lr_steps)
     *models, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     trained = dict(zip(trained, models))
     unet, text_encoder = trained.get("unet", unet), trained.get("text_encoder", text_encoder)
@@ -430,10 +475,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     if ema is not None:
         ema.to(device)
     reference = None
-    if dpo:
+    if anchored:
         reference = Reference(accelerator.unwrap_model(unet) if reference_unet is None else reference_unet, reference_text_encoder, lora=bool(cfg.lora.rank))
-    rows = (f"{len(dataset)} pairs" + (" + regularization" if counts["regularization"] else "")) if dpo else f"{len(dataset)} rows"
-    progress = TrainingProgress(data_layout=f"{rows}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}")
+    progress = TrainingProgress(data_layout=layout)
     accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
 
     # --- resume
@@ -447,7 +491,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.report_to != "none":
         accelerator.init_trackers("sr-finetune", config=_tracker_config(cfg))
-    if is_main:
+    if is_main and online:
+        logger.info("finetune: %s, %d steps, prediction %s, objective %s, reward %s", layout, max_train_steps, prediction_type, cfg.objective, cfg.online.reward)
+    elif is_main:
         logger.info(
             "finetune: %s %s, %d processes x batch %d x accumulation %d, %d steps (%d epochs), prediction %s, objective %s",
             rows, counts, accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps, max_train_steps, num_epochs, prediction_type, cfg.objective,
@@ -456,78 +502,111 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     # --- train
     for module in trained.values():
         module.train()
-    start_step, images_seen, last_loss, micro_losses = progress.global_step, 0, float("nan"), []
-    last_metrics, micro_metrics = {}, []
-    images_per_row = 2 + bool(counts["regularization"]) if dpo else 1
-    step_args = dict(
-        unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, prediction_type=prediction_type, cfg=cfg,
-        weight_dtype=weight_dtype, unet_dtype=unet_dtype,
-    )
+    start_step, images_seen, last_loss, last_metrics, history = progress.global_step, 0, float("nan"), {}, []
     last_saved = progress.global_step if resume_dir is not None else None
-    start_epoch, skip = progress.epoch, progress.batches_in_epoch
-    if skip >= len(loader):
-        start_epoch, skip = start_epoch + 1, 0
     bar = progress_bar(total=max_train_steps, initial=progress.global_step, desc="finetune", unit="step", disable=not accelerator.is_local_main_process)
-    start = time.perf_counter()
-    for epoch in range(start_epoch, num_epochs):
-        if progress.global_step >= max_train_steps:
-            break
-        # skipped batches are dropped at the sampler: never loaded, never run through the model
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batches.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter, which restarts at 0 on resume
-        sampler.set_epoch(epoch)
-        for batch_index, batch in enumerate(batches, start=skip):
-            generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", accelerator.process_index, epoch, batch_index))
-            with accelerator.accumulate(*trained.values()):
-                if dpo:
-                    loss, metrics = compute_dpo_loss(batch, generator=generator, reference=reference, **step_args)
-                else:
-                    loss, metrics = compute_loss(batch, generator=generator, **step_args), {}
-                micro_losses.append(checked_loss(loss, accelerator, batch, progress.global_step + 1, epoch, batch_index))
-                micro_metrics.append(gathered_metrics(metrics, accelerator))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += len(batch["prompt_id"]) * images_per_row * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
 
-            # one optimizer step done
-            progress.global_step += 1
-            progress.epoch, progress.batches_in_epoch = epoch, batch_index + 1
+    def after_step(loss: float, logged: dict, shown: dict) -> None:
+        """Once per training step: progress bar, tracker, checkpoint, validation images."""
+        nonlocal last_saved
+        lrs_now = lr_scheduler.get_last_lr()
+        bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in shown.items()}, lr=f"{lrs_now[0]:.2e}", refresh=False)
+        bar.update(1)  # redraws at most every tqdm mininterval
+        accelerator.log({"loss": loss, **logged, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}}, step=progress.global_step)
+        if cfg.checkpointing_steps and progress.global_step % cfg.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
+            last_saved = progress.global_step
+        if cfg.validation_prompts and cfg.validation_steps and progress.global_step % cfg.validation_steps == 0:
+            if is_main:
+                if ema is not None:
+                    ema.store(params)
+                    ema.copy_to(params)
+                try:
+                    log_validation(cfg, accelerator, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler, step=progress.global_step, output_dir=output_dir)
+                finally:
+                    if ema is not None:
+                        ema.restore(params)
+            accelerator.wait_for_everyone()
+
+    start = time.perf_counter()
+    if online:
+        from diffusers import DDIMScheduler
+
+        def update(loss: torch.Tensor, prompt_rows: list) -> float:
+            """One optimizer step on the gradients the objective accumulated (clipped), then LR schedule and EMA."""
+            value = checked_loss(loss, accelerator, [prompt_set.ids[i] for i in prompt_rows], progress.global_step + 1, f"objective {cfg.objective}")
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(params)
-            last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
-            last_metrics = {name: sum(m[name] for m in micro_metrics) / len(micro_metrics) for name in micro_metrics[0]}
-            micro_metrics = []
-            lrs_now = lr_scheduler.get_last_lr()
-            shown = {"acc": last_metrics["reward_accuracy"], "margin": last_metrics["reward_margin"]} if dpo else {}
-            bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{v:.3g}" for k, v in shown.items()}, lr=f"{lrs_now[0]:.2e}", refresh=False)
-            bar.update(1)  # redraws at most every tqdm mininterval
-            accelerator.log(
-                {"loss": last_loss, **{f"dpo/{name}": value for name, value in last_metrics.items()}, **{f"lr/{name}": lr for name, lr in zip(trained, lrs_now)}},
-                step=progress.global_step,
-            )
-            if cfg.checkpointing_steps and progress.global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, progress.global_step, cfg.checkpoints_total_limit)
-                last_saved = progress.global_step
-            if cfg.validation_prompts and cfg.validation_steps and progress.global_step % cfg.validation_steps == 0:
-                if is_main:
-                    if ema is not None:
-                        ema.store(params)
-                        ema.copy_to(params)
-                    try:
-                        log_validation(cfg, accelerator, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, noise_scheduler=noise_scheduler, step=progress.global_step, output_dir=output_dir)
-                    finally:
-                        if ema is not None:
-                            ema.restore(params)
-                accelerator.wait_for_everyone()
+            return value
+
+        run = OnlineRun(
+            cfg, accelerator, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+            reward=reward, prompts=prompt_set.prompts, update=update, reference=reference,
+        )
+        objective_step = OBJECTIVE_STEPS[cfg.objective]
+        while progress.global_step < max_train_steps:
+            step_start = time.perf_counter()
+            last_loss, metrics = objective_step(run, progress.global_step)
+            progress.global_step += 1
+            progress.images_sampled += images_per_step(cfg, accelerator.num_processes)
+            images_seen += images_per_step(cfg, accelerator.num_processes)
+            last_metrics = {**gathered_metrics(metrics, accelerator), "images_sampled": progress.images_sampled, "seconds": time.perf_counter() - step_start}
+            history.append({"step": progress.global_step, "loss": last_loss, **last_metrics})
+            after_step(last_loss, {f"online/{name}": value for name, value in last_metrics.items()}, {"reward": last_metrics["reward_mean"]})
+    else:
+        micro_losses, micro_metrics = [], []
+        images_per_row = 2 + bool(counts["regularization"]) if dpo else 1
+        step_args = dict(
+            unet=unet, text_encoder=text_encoder, vae=vae, noise_scheduler=noise_scheduler, prediction_type=prediction_type, cfg=cfg,
+            weight_dtype=weight_dtype, unet_dtype=unet_dtype,
+        )
+        start_epoch, skip = progress.epoch, progress.batches_in_epoch
+        if skip >= len(loader):
+            start_epoch, skip = start_epoch + 1, 0
+        for epoch in range(start_epoch, num_epochs):
             if progress.global_step >= max_train_steps:
                 break
-        skip = 0
+            # skipped batches are dropped at the sampler: never loaded, never run through the model
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batches.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter, which restarts at 0 on resume
+            sampler.set_epoch(epoch)
+            for batch_index, batch in enumerate(batches, start=skip):
+                generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", accelerator.process_index, epoch, batch_index))
+                with accelerator.accumulate(*trained.values()):
+                    if dpo:
+                        loss, metrics = compute_dpo_loss(batch, generator=generator, reference=reference, **step_args)
+                    else:
+                        loss, metrics = compute_loss(batch, generator=generator, **step_args), {}
+                    micro_losses.append(checked_loss(loss, accelerator, batch["prompt_id"], progress.global_step + 1, f"epoch {epoch}, batch {batch_index}"))
+                    micro_metrics.append(gathered_metrics(metrics, accelerator))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                images_seen += len(batch["prompt_id"]) * images_per_row * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+
+                # one optimizer step done
+                progress.global_step += 1
+                progress.epoch, progress.batches_in_epoch = epoch, batch_index + 1
+                if ema is not None:
+                    ema.step(params)
+                last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+                last_metrics = {name: sum(m[name] for m in micro_metrics) / len(micro_metrics) for name in micro_metrics[0]}
+                micro_metrics = []
+                shown = {"acc": last_metrics["reward_accuracy"], "margin": last_metrics["reward_margin"]} if dpo else {}
+                after_step(last_loss, {f"dpo/{name}": value for name, value in last_metrics.items()}, shown)
+                if progress.global_step >= max_train_steps:
+                    break
+            skip = 0
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -544,7 +623,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
             final_unet.fuse_lora()
             final_unet.unload_lora()
         save_pipeline(cfg, output_dir, unet=final_unet, text_encoder=accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
-        write_model_card(output_dir, model_card_text(cfg, counts, progress.global_step, prediction_type, read_pairs_summary(cfg.dataset)))
+        card_counts = {**counts, "images sampled": progress.images_sampled} if online else counts
+        write_model_card(output_dir, model_card_text(cfg, card_counts, progress.global_step, prediction_type, read_pairs_summary(cfg.dataset)))
         if cfg.push_to_hub:
             try:
                 hub_url = push_folder(output_dir, cfg.hub_model_id, private=cfg.hub_private)
@@ -567,4 +647,5 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         hub_url=hub_url,
         metrics=last_metrics,
+        history=history,
     )
