@@ -2,7 +2,8 @@
 
 A stand-alone entry for launching with ``accelerate launch -m sr_finetune.training``; the
 ``sr-finetune finetune`` subcommand and ``recipes/finetune.py`` read the ``finetune:`` section
-of an experiment config instead.
+of an experiment config instead. This entry runs sft and dpo only: the online objectives load a
+reward from the reward registry, a floor above the trainer, which the command layer passes in.
 """
 
 import argparse
