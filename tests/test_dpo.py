@@ -348,7 +348,7 @@ def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, fin
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("objective=ppo", "objective: must be one of ('sft', 'dpo')"),
+        ("objective=ppo", "objective: must be one of ('sft', 'dpo', 'backprop', 'pg')"),
         ("objective=dpo dpo_beta=0", "dpo_beta: must be positive"),
         ("objective=dpo dpo_sft_weight=-1", "dpo_sft_weight: must be >= 0"),
         ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),

@@ -63,8 +63,8 @@ from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from .config import ONLINE_OBJECTIVES, FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, encode_texts, load_finetune_table, role_counts
 from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
-from .online import OBJECTIVE_STEPS, OnlineRun, RewardLoader, images_per_step, load_online_reward
 from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
+from .online import OBJECTIVE_STEPS, OnlineRun, RewardLoader, images_per_step, load_online_reward
 from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
 from .reference import Reference, frozen_copy
 
@@ -368,7 +368,6 @@ def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, tex
     updates_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-
     return loader, sampler, max_train_steps, num_epochs
 
 
