@@ -93,7 +93,7 @@ class FinetuneSummary:
         rate = self.images_seen / self.seconds if self.seconds > 0 else 0.0
         resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
         memory = f", peak GPU memory {self.peak_memory_gb:.1f} GB" if self.peak_memory_gb is not None else ""
-        metrics = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in self.metrics.items())
+        metrics = "".join(f", {name.replace('_', ' ')} {value if isinstance(value, int) else f'{value:.4f}'}" for name, value in self.metrics.items() if name != "seconds")
         return (
             f"finetune: step {self.global_step}/{self.max_train_steps} ({self.steps_run} this run{resumed}), "
             f"{rate:.1f} img/s{memory}, final loss {self.final_loss:.4f}{metrics} -> {self.output_dir}"
