@@ -145,6 +145,22 @@ def test_flipping_the_rewards_sign_flips_the_first_update(tiny_sd, prompt_file, 
     torch.testing.assert_close(delta_down[moved], -delta_up[moved], rtol=1e-3, atol=1e-6)
 
 
+def test_draft_1_runs_only_the_last_denoising_step_with_gradients(tiny_sd, prompt_file, tmp_path, monkeypatch):
+    grad_enabled = []
+    real = online_module.sample_ddim
+
+    def recording(unet, *args, **kwargs):
+        handle = unet.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+        try:
+            return real(unet, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(online_module, "sample_ddim", recording)
+    run(online_cfg(tiny_sd, prompt_file, tmp_path / "bp", "backprop", max_train_steps=1, online={"grad_steps": 1}))
+    assert grad_enabled == [False, False, True]  # 3 DDIM steps, one batched guided UNet call each
+
+
 def test_lora_backprop_with_anchor_and_checkpointing_trains_only_the_adapted_projections(tiny_sd, prompt_file, tmp_path):
     out = tmp_path / "lora"
     summary = run(online_cfg(tiny_sd, prompt_file, out, "backprop", lora=LoraSettings(rank=4), unet_lr=1e-2, gradient_checkpointing=True, online={"kl_weight": 1.0}))
