@@ -194,6 +194,12 @@ class Demo:
         root = self.arm_dir(arm)
         return [f"pairs.output_dir={root / 'pairs'}", f"finetune.output_dir={root / 'finetune'}", *self.cfg.arm_presets[arm]]
 
+    def is_online(self, arm: str) -> bool:
+        """Whether an arm fine-tunes with an online objective (no pairs: it samples from the model)."""
+        from .training.config import ONLINE_OBJECTIVES
+
+        return self.section_config("finetune", self.arm_overrides(arm)).objective in ONLINE_OBJECTIVES
+
     def evaluate_overrides(self) -> list[str]:
         """Each arm as a fine-tuned model (with the negative prompt, and without it when asked)."""
         entries = []
@@ -224,6 +230,9 @@ class Demo:
         self.run_stage("score", after=["generate", "train-reward"])
         for arm in self.cfg.arms:
             extra = self.arm_overrides(arm)
+            if self.is_online(arm):  # samples its own images from the pool prompts, scored by the reward
+                self.run_stage("finetune", extra, key=f"finetune:{arm}", after=["world:pool", "world:model", "train-reward"])
+                continue
             self.run_stage("build-pairs", extra, key=f"build-pairs:{arm}", after=["world:regularization", "score"])
             self.run_stage("finetune", extra, key=f"finetune:{arm}", after=[f"build-pairs:{arm}"])
         self.run_stage("evaluate", self.evaluate_overrides(), after=["world:held_out", "train-reward", *(f"finetune:{arm}" for arm in self.cfg.arms)])

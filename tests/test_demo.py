@@ -231,6 +231,23 @@ def test_a_changed_setting_reruns_its_stage_and_everything_downstream_from_an_em
     assert abs(written - (clip["logit_scale"].float() + 1)) < 0.01  # the new weights (fp16 when shipped)
 
 
+def test_online_arms_sample_from_the_pool_prompts_with_the_reward_and_build_no_pairs(tmp_path, monkeypatch):
+    calls: list = []
+    out = tmp_path / "demo"
+    demo = _fake_demo(out, monkeypatch, calls, "demo.arms=[sft,backprop,pg]")
+    assert [demo.is_online(arm) for arm in ("sft", "backprop", "pg", "dpo")] == [False, True, True, False]
+    demo.run()
+    finetunes = [c[0] for c in calls if c[0] in ("build-pairs", "finetune")]
+    assert finetunes == ["build-pairs", "finetune", "finetune", "finetune"]  # pairs for sft only
+    online = demo.section_config("finetune", demo.arm_overrides("pg"))
+    assert (online.dataset, online.online.prompts) == (None, str(out / "world" / "prompts" / "pool.txt"))
+    assert (online.online.reward, online.online.reward_weights) == ("social_reward", str(out / "reward" / "social_reward.safetensors"))
+    assert (online.online.guidance_scale, online.online.num_steps) == (5.0, 10)  # sampled as the evaluation samples
+    calls.clear()
+    _fake_demo(out, monkeypatch, calls, "demo.arms=[sft,backprop,pg]", "train_reward.max_train_steps=7").run()
+    assert [c[0] for c in calls] == ["train-reward", "accuracy", "score", "build-pairs", "finetune", "finetune", "finetune", "evaluate"]  # a new reward: all arms again
+
+
 def _demo_json(out, win: float, versus_random: float | None) -> None:
     models = {"sft": {"judge_win_rate": win, "judge_ci_low": win - 0.06, "judge_ci_high": win + 0.06, "world_judge": 0.6, "world_judge_base": 0.5,
                       "social_reward": 0.5, "social_reward_base": 0.4, "world_fidelity": 0.12, "world_fidelity_base": 0.14}}  # fmt: skip
