@@ -361,7 +361,7 @@ def train_reward_model(cfg: TrainRewardConfig, accelerator, state: RunState) -> 
                 raise UserError(f"every triplet of batch {batch_index} of epoch {epoch} has an unreadable image, e.g. {batch['unreadable'][0][1]}: {batch['unreadable'][0][2]}")
             text, pos, neg = encoder(batch["tokens"], batch["pos"], batch["neg"])
             loss = preference_loss(cfg.loss, text, pos, neg, margin=cfg.margin, temperature=cfg.temperature, weights=batch["weight"]).mean()
-            last_loss = checked_loss(loss, accelerator, batch, progress.global_step + 1, epoch, batch_index)
+            last_loss = checked_loss(loss, accelerator, batch["prompt_id"], progress.global_step + 1, f"epoch {epoch}, batch {batch_index}")
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

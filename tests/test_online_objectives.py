@@ -185,7 +185,8 @@ def test_lora_backprop_with_anchor_and_checkpointing_trains_only_the_adapted_pro
 # ---- pg -----------------------------------------------------------------------------------------
 
 
-def test_pg_ratio_is_exactly_one_and_nothing_clipped_on_the_first_inner_epoch(tiny_sd, prompt_file, tmp_path, monkeypatch):
+def spy_on_ratios(monkeypatch) -> list:
+    """Record (importance ratio, advantages) of every clipped policy loss the run computes."""
     seen = []
     real = online_module.clipped_policy_loss
 
@@ -195,6 +196,11 @@ def test_pg_ratio_is_exactly_one_and_nothing_clipped_on_the_first_inner_epoch(ti
         return loss, ratio
 
     monkeypatch.setattr(online_module, "clipped_policy_loss", spy)
+    return seen
+
+
+def test_pg_ratio_is_exactly_one_and_nothing_clipped_on_the_first_inner_epoch(tiny_sd, prompt_file, tmp_path, monkeypatch):
+    seen = spy_on_ratios(monkeypatch)
     out = tmp_path / "pg"
     summary = run(online_cfg(tiny_sd, prompt_file, out, "pg", max_train_steps=1, unet_lr=1e-2, online={"inner_epochs": 2, "clip_range": 1e-4}))
 
@@ -211,15 +217,7 @@ def test_pg_ratio_is_exactly_one_and_nothing_clipped_on_the_first_inner_epoch(ti
 
 
 def test_a_pg_update_makes_the_above_average_images_of_each_group_more_likely(tiny_sd, prompt_file, tmp_path, monkeypatch):
-    seen = []
-    real = online_module.clipped_policy_loss
-
-    def spy(log_prob, old_log_prob, advantages, clip_range):
-        loss, ratio = real(log_prob, old_log_prob, advantages, clip_range)
-        seen.append((ratio, advantages.detach().clone()))
-        return loss, ratio
-
-    monkeypatch.setattr(online_module, "clipped_policy_loss", spy)
+    seen = spy_on_ratios(monkeypatch)
     run(online_cfg(tiny_sd, prompt_file, tmp_path / "pg", "pg", max_train_steps=1, unet_lr=1e-7, online={"group_size": 4, "inner_epochs": 2, "clip_range": 10.0}))
     # the second inner epoch re-evaluates the same transitions after one update: the surrogate A * ratio rose
     # (a tiny step: the ratios of a 1024-dim Gaussian step overflow after an Adam step of 1e-4)
