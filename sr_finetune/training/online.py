@@ -119,12 +119,12 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
 
 
 def reference_guided_output(reference: Reference, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """The starting model's guided output (no gradient), as ``guided_unet_output`` computes the trained one's."""
-    if guidance_scale == 1.0:
-        return reference.prediction(latents, t, cond).float()
-    uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
-    out_uncond, out_cond = reference.prediction(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).float().chunk(2)
-    return out_uncond + guidance_scale * (out_cond - out_uncond)
+    """The starting model's guided output (no gradient), through ``guided_unet_output`` as the trained one's."""
+
+    def reference_unet(latents: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (reference.prediction(latents, t, encoder_hidden_states).float(),)
+
+    return guided_unet_output(reference_unet, latents, t, cond, uncond, guidance_scale)
 
 
 @dataclass
@@ -235,6 +235,8 @@ def policy_gradient_step(run: OnlineRun, step: int) -> tuple[float, dict[str, to
     rewards = score_as_saved(run.reward, images, prompts).to(run.device)
     advantages = group_advantages(rewards, o.group_size)
     transitions = list(trajectory.transitions())
+    if o.kl_weight:  # the starting model's embeddings do not change over the inner epochs
+        ref_cond, ref_uncond = run.reference_embeddings(prompts, cond, uncond)
     clipped, kls, value = [], [], float("nan")
     for epoch in range(o.inner_epochs):
         indices = train_step_indices(o.num_steps, o.timestep_fraction, cfg.seed, run.accelerator.process_index, step, epoch)
@@ -247,7 +249,6 @@ def policy_gradient_step(run: OnlineRun, step: int) -> tuple[float, dict[str, to
                 mean, std = ddim_step_mean_std(run.scheduler, output, t, prev_t, x, o.eta)
                 loss, ratio = clipped_policy_loss(gaussian_log_prob(next_x, mean, std), old_log_prob, advantages, o.clip_range)
                 if o.kl_weight:
-                    ref_cond, ref_uncond = run.reference_embeddings(prompts, step_cond, step_uncond)
                     ref_mean, _ = ddim_step_mean_std(run.scheduler, reference_guided_output(run.reference, x, t, ref_cond, ref_uncond, o.guidance_scale), t, prev_t, x, o.eta)
                     kl = ((mean - ref_mean) ** 2).flatten(1).sum(dim=1).mean() / (2 * std**2)
                     loss = loss + o.kl_weight * kl

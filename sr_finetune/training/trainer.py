@@ -547,13 +547,13 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
             cfg, accelerator, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(noise_scheduler.config),
             reward=reward, prompts=prompt_set.prompts, update=update, reference=reference,
         )
-        objective_step = OBJECTIVE_STEPS[cfg.objective]
+        objective_step, sampled_per_step = OBJECTIVE_STEPS[cfg.objective], images_per_step(cfg, accelerator.num_processes)
         while progress.global_step < max_train_steps:
             step_start = time.perf_counter()
             last_loss, metrics = objective_step(run, progress.global_step)
             progress.global_step += 1
-            progress.images_sampled += images_per_step(cfg, accelerator.num_processes)
-            images_seen += images_per_step(cfg, accelerator.num_processes)
+            progress.images_sampled += sampled_per_step
+            images_seen += sampled_per_step
             last_metrics = {**gathered_metrics(metrics, accelerator), "images_sampled": progress.images_sampled, "seconds": time.perf_counter() - step_start}
             history.append({"step": progress.global_step, "loss": last_loss, **last_metrics})
             after_step(last_loss, {f"online/{name}": value for name, value in last_metrics.items()}, {"reward": last_metrics["reward_mean"]})
