@@ -252,18 +252,21 @@ def taste_folder(taste: str) -> str:
 def run_tastes(tastes: Sequence[str], config: str | os.PathLike | None = None, overrides: Sequence[str] = (), quick: bool = False, arms: Sequence[str] | None = None) -> Path:
     """The demo once per taste, each in ``<out_dir>/<taste>`` with its own community, reward and
     arms; the pool (the base model's samples, which no taste changes) is sampled once, in
-    ``<out_dir>/pool``. Writes ``<out_dir>/tastes.md`` and ``tastes.json`` (a row per taste and arm)."""
+    ``<out_dir>/pool`` by the first taste's copy of the shipped base model, which every taste then
+    fine-tunes and evaluates (the copies are the same files). Writes ``<out_dir>/tastes.md`` and
+    ``tastes.json`` (a row per taste and arm)."""
     from .demo_summary import write_tastes_summary
 
     if not tastes or len(set(tastes)) != len(tastes):
         raise ConfigError(f"demo --tastes: give distinct tastes, comma-separated (got {list(tastes)})")
     probe = Demo(config, overrides, quick=quick, arms=arms)
     root = probe.out
-    shares_pool = not any(o.startswith("generate.output_dir=") for o in overrides)
+    shares_pool = not any(o.startswith(("generate.output_dir=", "generate.model=")) for o in overrides)
+    pool = [f"generate.output_dir={root / 'pool'}", f"generate.model={root / taste_folder(tastes[0]) / 'world' / 'model'}"] if shares_pool else []
     runs = {}
     for taste in tastes:
         logger.info("demo --tastes: %s", taste)
-        extra = [f"demo.community.taste={taste}", f"demo.out_dir={root / taste_folder(taste)}"] + ([f"generate.output_dir={root / 'pool'}"] if shares_pool else [])
+        extra = [f"demo.community.taste={taste}", f"demo.out_dir={root / taste_folder(taste)}", *pool]
         demo = Demo(config, [*overrides, *extra], quick=quick, arms=arms)
         demo.run()
         runs[taste] = demo.out

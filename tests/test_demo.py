@@ -292,13 +292,16 @@ def test_each_taste_runs_in_its_own_folder_and_shares_the_pool(tmp_path, monkeyp
     ran = []
 
     def fake_run(self):
-        ran.append((self.cfg.community.taste, self.out, self.section_config("generate").output_dir))
+        generate = self.section_config("generate")
+        ran.append((self.cfg.community.taste, self.out, generate.output_dir, generate.model))
         _demo_json(self.out, 0.7, None)
         return self.out / "summary.md"
 
     monkeypatch.setattr(demo_module.Demo, "run", fake_run)
     summary = demo_module.run_tastes(["large-centred", "small-off-centre"], overrides=[f"demo.out_dir={tmp_path}"])
-    assert ran == [("large-centred", tmp_path / "large-centred", str(tmp_path / "pool")), ("small-off-centre", tmp_path / "small-off-centre", str(tmp_path / "pool"))]
+    # one pool, sampled by one model path: the pool refuses generations of another path
+    model = str(tmp_path / "large-centred" / "world" / "model")
+    assert ran == [("large-centred", tmp_path / "large-centred", str(tmp_path / "pool"), model), ("small-off-centre", tmp_path / "small-off-centre", str(tmp_path / "pool"), model)]
     assert summary == tmp_path / "tastes.md" and summary.is_file()
     with pytest.raises(ConfigError, match="distinct tastes"):
         demo_module.run_tastes(["high", "high"], overrides=[f"demo.out_dir={tmp_path}"])

@@ -29,7 +29,7 @@ from reward.base import PromptFreeReward
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError
 from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
-from sr_finetune.training.config import OnlineSettings
+from sr_finetune.training.config import AddedReward, OnlineSettings
 from sr_finetune.training import online as online_module
 from sr_finetune.training.online import group_advantages
 from conftest import launch_two_cpu_processes, reset_accelerate_state
@@ -154,6 +154,39 @@ def test_flipping_the_rewards_sign_flips_the_first_update(tiny_sd, prompt_file, 
     assert moved.sum() > 100
     # Adam's first step is lr * g / (|g| + eps): the same size, the opposite sign
     torch.testing.assert_close(delta_down[moved], -delta_up[moved], rtol=1e-3, atol=1e-6)
+
+
+@register_reward("dimness")
+def _load_dimness(weights=None, device="cpu", dtype="fp32") -> Brightness:
+    return Brightness(-1.0).to(device)
+
+
+def test_an_added_reward_term_adds_its_scaled_score(tiny_sd, prompt_file, tmp_path):
+    """brightness + 2 x dimness = -brightness: the same first update as the sign-flipped reward,
+    and each term's mean logged beside the total."""
+    base = unet_weights(tiny_sd)
+    down = first_update(tiny_sd, prompt_file, tmp_path / "down", -1.0)
+    cfg = online_cfg(tiny_sd, prompt_file, tmp_path / "sum", "backprop", max_train_steps=1, max_grad_norm=0.0, weight_decay=0.0,
+                     online={"added_rewards": {"dimness": AddedReward(scale=2.0)}})
+    summary = run(cfg)
+    summed = unet_weights(tmp_path / "sum")
+    delta_down = torch.cat([(down[k] - base[k]).flatten() for k in base])
+    delta_sum = torch.cat([(summed[k] - base[k]).flatten() for k in base])
+    moved = delta_down.abs() > 1e-6
+    assert moved.sum() > 100
+    torch.testing.assert_close(delta_sum[moved], delta_down[moved], rtol=1e-3, atol=1e-6)
+    row = summary.history[0]
+    assert row["reward_dimness"] == pytest.approx(-row["reward_brightness"], abs=1e-6)
+    assert row["reward_mean"] == pytest.approx(row["reward_brightness"] + 2 * row["reward_dimness"], abs=1e-6)
+    assert "the `brightness` + 2 x `dimness` reward" in (tmp_path / "sum" / "README.md").read_text()
+
+
+def test_pg_adds_the_terms_through_their_scoring_paths(tiny_sd, prompt_file, tmp_path):
+    summary = run(online_cfg(tiny_sd, prompt_file, tmp_path / "pg", "pg", max_train_steps=1,
+                             online={"reward": "brightness_pil_only", "added_rewards": {"dimness": AddedReward(scale=0.5)}}))
+    row = summary.history[0]
+    assert row["reward_mean"] == pytest.approx(row["reward_brightness_pil_only"] + 0.5 * row["reward_dimness"], abs=1e-6)
+    assert row["reward_dimness"] == pytest.approx(-row["reward_brightness_pil_only"], abs=1e-6)
 
 
 def test_draft_1_runs_only_the_last_denoising_step_with_gradients(tiny_sd, prompt_file, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ fine-tuned at 1e-5); the rest are the usual Stable Diffusion fine-tuning default
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -37,6 +38,15 @@ class LoraSettings:
 
 
 @dataclass
+class AddedReward:
+    """A further term of an online objective's reward: ``scale`` x this metric's score."""
+
+    scale: float = 1.0
+    weights: Optional[str] = None  # hub id or local path of its weights (None = its published default)
+    options: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments of its loader
+
+
+@dataclass
 class OnlineSettings:
     """The online objectives (``objective: backprop | pg``): sample from the model being trained,
     score with a reward, update. See ``sr_finetune/training/online.py`` for what each does."""
@@ -46,6 +56,9 @@ class OnlineSettings:
     reward: Optional[str] = None  # a metric name of the reward registry (clip, aesthetic, social_reward, ...)
     reward_weights: Optional[str] = None  # hub id or local path of the reward's weights (None = its published default)
     reward_options: Dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the reward's loader
+    # metric -> {scale, weights, options}: terms added to the reward, e.g. clip (prompt alignment), which holds
+    # prompt fidelity where the reward alone is maximised by images that lose their subject (README, demo results)
+    added_rewards: Dict[str, AddedReward] = field(default_factory=dict)
     prompts_per_step: int = 2  # per process and step
     group_size: int = 4  # images per prompt; pg normalises rewards within each prompt's group
     num_steps: int = 20  # DDIM steps of each sample
@@ -66,6 +79,9 @@ class OnlineSettings:
         require(self.kl_weight >= 0, "kl_weight", f"must be >= 0 (0 turns the anchor off), got {self.kl_weight}")
         require(0.0 < self.timestep_fraction <= 1.0, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
         require(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
+        for name, added in self.added_rewards.items():
+            require(name != self.reward, f"added_rewards.{name}", "is the reward itself; change online.reward's weight by scaling the others")
+            require(math.isfinite(added.scale) and added.scale != 0, f"added_rewards.{name}.scale", f"must be a finite, non-zero number, got {added.scale}")
 
 
 @dataclass

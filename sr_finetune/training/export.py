@@ -92,7 +92,7 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight} if cfg.objective == "dpo" else {}),
     }
     if cfg.objective in ("backprop", "pg"):
-        hyper.update({f"online.{k}": v for k, v in vars(cfg.online).items() if k not in ("prompts", "reward_options")})
+        hyper.update({f"online.{k}": v for k, v in vars(cfg.online).items() if k not in ("prompts", "reward_options", "added_rewards")})
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     count_rows = "\n".join(f"| {role} | {n} |" for role, n in counts.items())
     token = cfg.negative_token
@@ -154,12 +154,13 @@ def online_method(cfg) -> str:
     """What an online objective did, in a sentence for the model card."""
     o = cfg.online
     anchor = f", anchored to the base model (kl_weight {o.kl_weight:g})" if o.kl_weight else ""
+    reward = " + ".join([f"`{o.reward}`", *(f"{added.scale:g} x `{name}`" for name, added in o.added_rewards.items())])
     if cfg.objective == "backprop":
         what = (f"by reward backpropagation (AlignProp / DRaFT-K, K={o.grad_steps} of {o.num_steps} DDIM steps): the gradient of the "
-                f"`{o.reward}` reward flowed back through the VAE and the last {o.grad_steps} denoising steps")
+                f"{reward} reward flowed back through the VAE and the last {o.grad_steps} denoising steps")
     else:
         what = (f"by group policy gradient (DDPO with per-prompt group-normalised advantages over {o.group_size} images per prompt, "
-                f"PPO clip {o.clip_range:g}, {o.inner_epochs} inner epochs) on the `{o.reward}` reward")
+                f"PPO clip {o.clip_range:g}, {o.inner_epochs} inner epochs) on the {reward} reward")
     return f"{what}, sampling with guidance {o.guidance_scale:g} and eta {o.eta:g}{anchor}"
 
 

@@ -48,24 +48,62 @@ Update = Callable[[torch.Tensor, list], float]
 RewardLoader = Callable[..., Any]
 
 
-def load_online_reward(cfg: FinetuneConfig, loader: RewardLoader | None, device: torch.device) -> Any:
-    """The reward of ``cfg.online``, loaded by ``loader``; evaluation-only metrics are refused, and
-    ``backprop`` refuses a reward without a differentiable scoring path."""
-    name, where = cfg.online.reward, "finetune.online.reward"
-    refuse_eval_only(name, where, error=ConfigError)
+class OnlineReward:
+    """What an online objective maximises: ``online.reward``'s score plus, for each of
+    ``online.added_rewards``, its scale x its score. Each call returns the total [B] and each
+    term's mean over the batch (for the logs)."""
+
+    def __init__(self, terms: list[tuple[str, float, Any]]) -> None:
+        self.terms = terms  # (metric name, scale, reward model); the first is online.reward at scale 1
+
+    @property
+    def is_differentiable(self) -> bool:
+        return all(getattr(model, "is_differentiable", False) for _, _, model in self.terms)
+
+    def score_tensor(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Differentiable with respect to ``images`` ([B, 3, H, W] in [0, 1])."""
+        return self._total([model.score_tensor(images, prompts).float() for _, _, model in self.terms])
+
+    def score_as_saved(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Through each reward's own scoring path, on the images rounded to 8-bit RGB as they would be saved."""
+        from PIL import Image
+
+        arrays = (images.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pils = [Image.fromarray(a) for a in arrays]
+        return self._total([model.score_images(pils, prompts).float().to(images.device) for _, _, model in self.terms])
+
+    def _total(self, scores: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total = scores[0]
+        for (_, scale, _), score in zip(self.terms[1:], scores[1:]):
+            total = total + scale * score
+        means = {f"reward_{name}": score.detach().mean() for (name, _, _), score in zip(self.terms, scores)} if len(self.terms) > 1 else {}
+        return total, means
+
+
+def load_online_reward(cfg: FinetuneConfig, loader: RewardLoader | None, device: torch.device) -> OnlineReward:
+    """The reward of ``cfg.online`` (with its added terms), each term loaded by ``loader``;
+    evaluation-only metrics are refused, and ``backprop`` refuses a term without a differentiable scoring path."""
+    o = cfg.online
+    specs = [("finetune.online.reward", o.reward, 1.0, o.reward_weights, o.reward_options)]
+    specs += [(f"finetune.online.added_rewards.{name}", name, added.scale, added.weights, added.options) for name, added in o.added_rewards.items()]
+    for where, name, *_ in specs:
+        refuse_eval_only(name, where, error=ConfigError)
     if loader is None:
         raise ConfigError(
             f"objective={cfg.objective} needs a reward loader: launch recipes/finetune.py or `sr-finetune finetune` "
             "(python -m sr_finetune.training runs sft and dpo only)"
         )
-    reward = loader(name, weights=cfg.online.reward_weights, device=device, **cfg.online.reward_options)
-    refuse_eval_only(name, where, error=ConfigError)  # a loader may register the metric only when it loads
-    if cfg.objective == "backprop" and not getattr(reward, "is_differentiable", False):
-        raise ConfigError(
-            f"config error: {where}: '{name}' has no differentiable scoring path, which objective=backprop needs "
-            "(pick clip, aesthetic, social_reward, pickscore, hpsv2 or imagereward, or use objective=pg, which takes any reward)"
-        )
-    return reward
+    terms = []
+    for where, name, scale, weights, options in specs:
+        model = loader(name, weights=weights, device=device, **options)
+        refuse_eval_only(name, where, error=ConfigError)  # a loader may register the metric only when it loads
+        if cfg.objective == "backprop" and not getattr(model, "is_differentiable", False):
+            raise ConfigError(
+                f"config error: {where}: '{name}' has no differentiable scoring path, which objective=backprop needs "
+                "(pick clip, aesthetic, social_reward, pickscore, hpsv2 or imagereward, or use objective=pg, which takes any reward)"
+            )
+        terms.append((name, scale, model))
+    return OnlineReward(terms)
 
 
 def step_prompt_indices(num_prompts: int, count: int, seed: int, process: int, step: int) -> list[int]:
@@ -88,14 +126,6 @@ def decode_images(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def score_as_saved(reward: Any, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Scores [B] of images in [0, 1] rounded to 8-bit PIL images, through the reward's own scoring path."""
-    from PIL import Image
-
-    arrays = (images.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return reward.score_images([Image.fromarray(a) for a in arrays], prompts).float()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -140,7 +170,7 @@ class OnlineRun:
     vae: Any
     tokenizer: Any
     scheduler: Any
-    reward: Any
+    reward: OnlineReward
     prompts: list[str]
     update: Update
     reference: Reference | None = None
@@ -199,9 +229,9 @@ def backprop_step(run: OnlineRun, step: int) -> tuple[float, dict[str, torch.Ten
     rows, prompts = run.step_prompts(step)
     cond, uncond = run.embeddings(prompts, grad=run.cfg.train_text_encoder)
     trajectory = run.sample(prompts, step, cond, uncond, grad_steps=o.grad_steps)
-    rewards = run.reward.score_tensor(decode_images(run.vae, trajectory.final), prompts).float()
+    rewards, term_means = run.reward.score_tensor(decode_images(run.vae, trajectory.final), prompts)
     loss = -rewards.mean()
-    metrics = {"reward_mean": rewards.detach().mean(), "reward_group_std": group_std(rewards, o.group_size)}
+    metrics = {"reward_mean": rewards.detach().mean(), "reward_group_std": group_std(rewards, o.group_size), **term_means}
     if o.kl_weight:
         anchor = backprop_anchor(run, trajectory, prompts, cond, uncond)
         loss = loss + o.kl_weight * anchor
@@ -232,7 +262,7 @@ def policy_gradient_step(run: OnlineRun, step: int) -> tuple[float, dict[str, to
         cond, uncond = run.embeddings(prompts, grad=False)
         trajectory = run.sample(prompts, step, cond, uncond, grad_steps=0)
         images = decode_images(run.vae, trajectory.final)
-    rewards = score_as_saved(run.reward, images, prompts).to(run.device)
+    rewards, term_means = run.reward.score_as_saved(images, prompts)
     advantages = group_advantages(rewards, o.group_size)
     transitions = list(trajectory.transitions())
     if o.kl_weight:  # the starting model's embeddings do not change over the inner epochs
@@ -259,7 +289,7 @@ def policy_gradient_step(run: OnlineRun, step: int) -> tuple[float, dict[str, to
             clipped.append(((ratio - 1.0).abs() > o.clip_range).float().mean())
         value = run.update(total, rows)
     metrics = {
-        "reward_mean": rewards.mean(), "reward_group_std": group_std(rewards, o.group_size), "clip_fraction": torch.stack(clipped).mean(),
+        "reward_mean": rewards.mean(), "reward_group_std": group_std(rewards, o.group_size), "clip_fraction": torch.stack(clipped).mean(), **term_means,
     }
     if kls:
         metrics["kl"] = torch.stack(kls).mean()
@@ -276,5 +306,5 @@ def images_per_step(cfg: FinetuneConfig, num_processes: int) -> int:
 
 __all__ = [
     "OBJECTIVE_STEPS", "OnlineRun", "backprop_step", "clipped_policy_loss", "decode_images", "group_advantages", "images_per_step",
-    "load_online_reward", "policy_gradient_step", "step_prompt_indices", "train_step_indices",
+    "OnlineReward", "load_online_reward", "policy_gradient_step", "step_prompt_indices", "train_step_indices",
 ]
