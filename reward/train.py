@@ -65,7 +65,7 @@ from .causal_text import encode_text_up_to_eot
 from .clip_scorers import SocialReward, resolve_clip_weights
 from .losses import LOSS_TITLES, preference_loss
 from .openai_clip import OpenAICLIPBackbone, openai_clip_from_state_dict, read_openai_state_dict
-from .scoring import _yield_cpu_to_forward
+from .scoring import yield_cpu_to_forward
 from .train_config import TrainRewardConfig
 from .train_outputs import REWARD_WEIGHTS, ablation_table, save_reward_weights, write_model_card, write_summary
 from .trainable import apply_preset, describe_trainable
@@ -111,8 +111,8 @@ def load_clip_for_training(base_model: str | None) -> tuple[torch.nn.Module, Soc
 
 def cpu_worker_init(device: torch.device):
     """On a CPU the DataLoader workers run at the lowest priority, as in scoring runs: the forward's
-    OpenMP threads then never wait for a descheduled peer (``reward.scoring._yield_cpu_to_forward``)."""
-    return _yield_cpu_to_forward if device.type == "cpu" else None
+    OpenMP threads then never wait for a descheduled peer (``reward.scoring.yield_cpu_to_forward``)."""
+    return yield_cpu_to_forward if device.type == "cpu" else None
 
 
 # ---------------------------------------------------------------------------------------------

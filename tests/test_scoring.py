@@ -289,7 +289,7 @@ def test_cpu_workers_yield_the_cpus_to_the_forward_which_keeps_its_threads():
     from reward import scoring
 
     base = os.nice(0)
-    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=scoring._yield_cpu_to_forward)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=scoring.yield_cpu_to_forward)
     assert list(loader) == [min(19, base + scoring.WORKER_NICENESS)] * 2
     assert os.nice(0) == base  # the main process keeps its priority
 
