@@ -111,7 +111,7 @@ def test_bad_tables_are_one_line_errors(tmp_path):
 
 def score_cli(tiny_scorers, table, out) -> int:
     """``sr-finetune score image_table=...`` with the tiny HPS v2 scorer."""
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     weights, _ = tiny_scorers
     overrides = [f"image_table={table}", "metrics=[hpsv2]", f"weights={{hpsv2: {weights['hpsv2']}}}", "options={hpsv2: {model_config: tiny}}"]
