@@ -122,7 +122,7 @@ def run_timed(cmd: list[str], log: Path, extra_env: dict | None = None, cwd: Pat
 def run_ours(root: Path, tag: str, triplets: Path, weights: Path, steps: int, workers: int) -> tuple[float, float]:
     out = root / tag
     cmd = [
-        sys.executable, "-m", "sr_finetune.cli", "train-reward", f"triplets={triplets}", f"base_model={weights}", f"output_dir={out}",
+        sys.executable, "-m", "sr_finetune.commands.cli", "train-reward", f"triplets={triplets}", f"base_model={weights}", f"output_dir={out}",
         f"max_train_steps={steps}", f"batch_size={BATCH}", f"num_workers={workers}", f"learning_rate={LEARNING_RATE}",
         "checkpointing_steps=0", "test_split=null", "device=cpu", "eval_batch_size=64",
     ]

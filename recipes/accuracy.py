@@ -9,7 +9,7 @@ Settings: ``AccuracyConfig`` in ``reward/accuracy.py``.
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("accuracy"))

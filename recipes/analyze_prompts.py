@@ -12,7 +12,7 @@ Settings: ``PromptAnalysisConfig`` in ``eval/prompts.py``.
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("analyze-prompts"))

@@ -8,7 +8,7 @@ Settings: ``PairsConfig`` in ``sr_finetune/pairs.py``.
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("build-pairs"))

@@ -12,7 +12,7 @@ Resumable: finished stages are skipped, an interrupted one resumes. Settings: ``
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("demo"))

@@ -16,7 +16,7 @@ Settings: ``EvaluateConfig`` in ``eval/config.py``; statistics: ``eval/stats.py`
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("evaluate"))

@@ -10,7 +10,7 @@ Settings: ``ScoreConfig`` in ``reward/scoring.py``.
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("score"))

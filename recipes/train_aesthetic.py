@@ -13,7 +13,7 @@ weights.social_aesthetic=<output_dir>``. Settings: ``AestheticTrainConfig`` in
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("train-aesthetic"))

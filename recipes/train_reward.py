@@ -12,7 +12,7 @@ Settings: TrainRewardConfig in reward/train_config.py; what is supported: reward
 
 import sys
 
-from sr_finetune.cli import run_recipe
+from sr_finetune.commands.cli import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe("train-reward"))

@@ -40,6 +40,11 @@ def not_differentiable(name: str, why: str = "") -> NotDifferentiableError:
     return NotDifferentiableError(f"metric '{name}' has no differentiable scoring path" + (f": {why}" if why else ""))
 
 
+def no_image_embedding(name: str) -> UserError:
+    """The error for metric ``name`` asked for an image embedding it does not have."""
+    return UserError(f"metric '{name}' has no image embedding to write (CLIP-backbone scorers have one: clip, social_reward, aesthetic, social_aesthetic)")
+
+
 class RewardModel(torch.nn.Module, abc.ABC):
     """Base class of all scorers. Subclasses set ``name`` and implement the three methods.
 
@@ -96,7 +101,7 @@ class RewardModel(torch.nn.Module, abc.ABC):
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The image embedding [N, D] the score is computed from, for scorers that have one (the
         CLIP-backbone scorers: the unnormalised CLIP image embedding); see ``ScoreConfig.embeddings``."""
-        raise UserError(f"metric '{self.name}' has no image embedding to write (CLIP-backbone scorers have one: clip, social_reward, aesthetic, social_aesthetic)")
+        raise no_image_embedding(self.name)
 
     def has_image_embedding(self) -> bool:
         return type(self).embed_image is not RewardModel.embed_image

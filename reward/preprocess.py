@@ -191,3 +191,13 @@ def openai_clip_tensor_transform(images: torch.Tensor, size: int = 224) -> torch
     """:func:`openai_clip_transform` for a batch [B, 3, H, W] of RGB values in [0, 1], differentiably."""
     resized = resize_shortest_edge_tensor(images, size, Image.BICUBIC)
     return normalize_tensor(center_crop_tensor(resized, size, size, "round"), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def open_image(path: str) -> Image.Image | str:
+    """The decoded image, or why it cannot be read (missing, empty, truncated, not an image)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as exc:  # record, never crash
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")

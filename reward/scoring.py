@@ -36,7 +36,8 @@ from sr_finetune.io import atomic_write_parquet, read_parts, read_table
 from sr_finetune.tables import blank_cells, describe_skipped, text_cells
 from sr_finetune.progress import progress, quiet_library_bars
 
-from .base import RewardModel, available_rewards, load_rewards, to_device
+from .base import RewardModel, available_rewards, load_rewards, no_image_embedding, to_device
+from .preprocess import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +192,6 @@ def plan_inputs(scorers: dict[str, RewardModel]) -> InputPlan:
     return InputPlan(pixel_keys, text_keys, pixel_makers, text_makers)
 
 
-def _open_image(path: str) -> Image.Image | str:
-    """The decoded image, or why it cannot be read (missing, empty, truncated, not an image)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except Exception as exc:  # record, never crash
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-
-
 class _BatchReader(torch.utils.data.Dataset):
     """Item = one batch of row numbers -> each image decoded once, each distinct preprocessing
     and tokenisation run once, stacked into one batch (in a DataLoader worker).
@@ -222,7 +213,7 @@ class _BatchReader(torch.utils.data.Dataset):
         good, bad = [], []
         pixels: dict[str, list[torch.Tensor]] = {key: [] for key in self.plan.pixel_makers}
         for i in rows:
-            image = _open_image(self.paths[i].as_py())
+            image = open_image(self.paths[i].as_py())
             if isinstance(image, str):
                 bad.append((i, image))
                 continue
@@ -295,7 +286,7 @@ class _PartResult:
 WORKER_NICENESS = 19  # CPU runs: the DataLoader workers' priority, below the forward's
 
 
-def _yield_cpu_to_forward(_: int) -> None:
+def yield_cpu_to_forward(_: int) -> None:
     """``worker_init_fn`` of CPU runs: the lowest CPU priority for this worker.
 
     Forward threads and busy workers on the same cores make OpenMP threads wait for descheduled
@@ -312,7 +303,7 @@ def _yield_cpu_to_forward(_: int) -> None:
 class ForwardThreads:
     """Torch's thread count for the forwards on a CPU device: ``fixed`` (``cpu_threads``) or
     torch's own default (every CPU; the workers yield to the forward, see
-    :func:`_yield_cpu_to_forward`). :meth:`restore` puts the previous count back."""
+    :func:`yield_cpu_to_forward`). :meth:`restore` puts the previous count back."""
 
     def __init__(self, num_workers: int, fixed: int | None = None):
         self.before = torch.get_num_threads()
@@ -365,7 +356,7 @@ def iter_scored_parts(
     so the workers stay busy across part boundaries; yield (part, scores, errors) as each part
     completes. Each metric of ``embed`` adds a column :func:`embedding_column` to the scores:
     the image embedding of each row (float32 arrays), computed from the same forward. On a CPU
-    device the workers yield the CPUs to the forwards (:func:`_yield_cpu_to_forward`) and freed
+    device the workers yield the CPUs to the forwards (:func:`yield_cpu_to_forward`) and freed
     activations are kept for reuse (:func:`reuse_freed_memory`)."""
     if device.type == "cpu":
         reuse_freed_memory()
@@ -378,12 +369,12 @@ def iter_scored_parts(
         num_workers=num_workers,
         collate_fn=_as_is,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_yield_cpu_to_forward if device.type == "cpu" else None,
+        worker_init_fn=yield_cpu_to_forward if device.type == "cpu" else None,
     )
     ids, paths = rows.image_id.to_numpy(), rows.path.to_numpy()
     missing = [name for name in embed if not scorers[name].has_image_embedding()]
     if missing:
-        scorers[missing[0]].embed_image(torch.empty(0))  # raises the scorer's one-line error
+        raise no_image_embedding(missing[0])
     pending = (_PartResult(*part, list(scorers), embed) for part in parts)
     current = next(pending)
     threads = ForwardThreads(num_workers, cpu_threads) if device.type == "cpu" else None

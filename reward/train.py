@@ -47,7 +47,6 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -65,9 +64,9 @@ from .causal_text import encode_text_up_to_eot
 from .clip_scorers import SocialReward, resolve_clip_weights
 from .losses import LOSS_TITLES, preference_loss
 from .openai_clip import OpenAICLIPBackbone, openai_clip_from_state_dict, read_openai_state_dict
-from .scoring import _yield_cpu_to_forward
+from .scoring import yield_cpu_to_forward
 from .train_config import TrainRewardConfig
-from .train_outputs import REWARD_WEIGHTS, ablation_table, save_reward_weights, write_model_card, write_summary
+from .train_outputs import REWARD_WEIGHTS, AblationSummary, RewardTrainingSummary, ablation_table, save_reward_weights, write_model_card, write_summary
 from .trainable import apply_preset, describe_trainable
 from .triplets import read_triplets, triplets_file
 from .triplet_data import (
@@ -111,8 +110,8 @@ def load_clip_for_training(base_model: str | None) -> tuple[torch.nn.Module, Soc
 
 def cpu_worker_init(device: torch.device):
     """On a CPU the DataLoader workers run at the lowest priority, as in scoring runs: the forward's
-    OpenMP threads then never wait for a descheduled peer (``reward.scoring._yield_cpu_to_forward``)."""
-    return _yield_cpu_to_forward if device.type == "cpu" else None
+    OpenMP threads then never wait for a descheduled peer (``reward.scoring.yield_cpu_to_forward``)."""
+    return yield_cpu_to_forward if device.type == "cpu" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,46 +181,6 @@ def pairwise_accuracy(scores: pd.DataFrame) -> dict:
     correct = int((scores.pos_score >= scores.neg_score).sum())
     ties = int((scores.pos_score == scores.neg_score).sum())
     return {"accuracy": correct / n if n else float("nan"), "triplets": n, "correct": correct, "ties": ties}
-
-
-# ---------------------------------------------------------------------------------------------
-# summaries
-
-
-@dataclass
-class RewardTrainingSummary:
-    output_dir: str
-    loss: str
-    global_step: int
-    max_train_steps: int
-    steps_run: int
-    resumed_from: str | None
-    seconds: float
-    initial_val_accuracy: float | None
-    best: dict | None
-    test: dict | None
-    trainable_parameters: int
-    skips: dict = field(default_factory=dict)
-
-    def line(self) -> str:
-        rate = self.steps_run / self.seconds if self.seconds > 0 else 0.0
-        resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
-        best = f"best val pairwise accuracy {self.best['val_accuracy']:.4f} (epoch {self.best['epoch'] + 1}, step {self.best['step']})" if self.best else "no validation"
-        initial = f" from {self.initial_val_accuracy:.4f}" if self.initial_val_accuracy is not None else ""
-        test = f", test {self.test['accuracy']:.4f} on {self.test['triplets']}" if self.test else ""
-        return (
-            f"train-reward ({self.loss}): step {self.global_step}/{self.max_train_steps} ({self.steps_run} this run{resumed}, {rate:.2f} steps/s), "
-            f"{best}{initial}{test} -> {Path(self.output_dir) / REWARD_WEIGHTS}"
-        )
-
-
-@dataclass
-class AblationSummary:
-    output_dir: str
-    runs: list[RewardTrainingSummary]
-
-    def line(self) -> str:
-        return "train-reward loss ablation (pairwise accuracy, ties counted as correct):\n" + ablation_table(self.runs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,10 +13,45 @@ import torch
 from .losses import LOSS_TITLES
 
 if TYPE_CHECKING:
-    from .train import RewardTrainingSummary
     from .train_config import TrainRewardConfig
 
 REWARD_WEIGHTS = "social_reward.safetensors"
+
+
+@dataclass
+class RewardTrainingSummary:
+    output_dir: str
+    loss: str
+    global_step: int
+    max_train_steps: int
+    steps_run: int
+    resumed_from: str | None
+    seconds: float
+    initial_val_accuracy: float | None
+    best: dict | None
+    test: dict | None
+    trainable_parameters: int
+    skips: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        rate = self.steps_run / self.seconds if self.seconds > 0 else 0.0
+        resumed = f", resumed from {self.resumed_from}" if self.resumed_from else ""
+        best = f"best val pairwise accuracy {self.best['val_accuracy']:.4f} (epoch {self.best['epoch'] + 1}, step {self.best['step']})" if self.best else "no validation"
+        initial = f" from {self.initial_val_accuracy:.4f}" if self.initial_val_accuracy is not None else ""
+        test = f", test {self.test['accuracy']:.4f} on {self.test['triplets']}" if self.test else ""
+        return (
+            f"train-reward ({self.loss}): step {self.global_step}/{self.max_train_steps} ({self.steps_run} this run{resumed}, {rate:.2f} steps/s), "
+            f"{best}{initial}{test} -> {Path(self.output_dir) / REWARD_WEIGHTS}"
+        )
+
+
+@dataclass
+class AblationSummary:
+    output_dir: str
+    runs: list[RewardTrainingSummary]
+
+    def line(self) -> str:
+        return "train-reward loss ablation (pairwise accuracy, ties counted as correct):\n" + ablation_table(self.runs)
 
 
 def save_reward_weights(model: torch.nn.Module, path: Path) -> Path:
@@ -125,4 +161,4 @@ def ablation_table(runs: list["RewardTrainingSummary"]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REWARD_WEIGHTS", "ablation_table", "save_reward_weights", "write_model_card", "write_summary"]
+__all__ = ["REWARD_WEIGHTS", "AblationSummary", "RewardTrainingSummary", "ablation_table", "save_reward_weights", "write_model_card", "write_summary"]

@@ -24,7 +24,7 @@ import torch
 from sr_finetune.errors import UserError
 
 from .base import RewardModel
-from .scoring import _open_image
+from .preprocess import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class TripletDataset(torch.utils.data.Dataset):
         item: dict = {"triplet_id": int(self.triplet_ids[row]), "prompt_id": self.columns["prompt_id"][row].as_py(), "weight": self.weights[row]}
         for side in ("pos", "neg"):
             path = self.columns[f"{side}_path"][row].as_py()
-            image = _open_image(path)
+            image = open_image(path)
             if isinstance(image, str):
                 item["error"] = (path, image)
                 return item

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from sr_finetune.errors import UserError
-from sr_finetune.progress import progress
 from sr_finetune.world.assets import pack_state, unpack_state, world_token_ids
 from sr_finetune.world.scenes import IMAGE_SIZE, split_prompts
-from sr_finetune.world.train_base import lr_at, open_run, sample_renders, seed_of
+from sr_finetune.world.train_base import Phase, open_run, sample_renders, seed_of
 
 from .openai_clip import build_openai_clip
 from .preprocess import openai_clip_transform
@@ -96,21 +95,12 @@ def train_world_clip(cfg: ClipTrainConfig, resume: bool = False) -> Path:
         start = ckpt.state()["step"]
     transform = openai_clip_transform(WORLD_CLIP["image_size"])
     prompts = split_prompts("train")
-    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="world clip", unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+    phase = Phase("world clip", optimizer, ckpt, {"clip": model}, {"phase": "clip"}, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.checkpoint_every, digits=3)
+    for step in phase.steps(start):
         images, captions = sample_renders(prompts, cfg.batch_size, seed_of(cfg.seed, "clip", step))
         pixels = torch.stack([transform(im) for im in images])
         tokens = tokenize(captions, context_length=WORLD_CLIP["context_length"])
-        loss = contrastive_loss(model.encode_image(pixels), model.encode_text(tokens), model.logit_scale, caption_matches(captions))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save({"phase": "clip", "step": step + 1}, {"clip": model}, optimizer)
-            logger.info("world clip step %d/%d loss %.3f", step + 1, cfg.steps, loss.item())
+        phase.update(step, contrastive_loss(model.encode_image(pixels), model.encode_text(tokens), model.logit_scale, caption_matches(captions)))
     path = out / WEIGHTS_FILE
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "attn_mask"}, str(path))
     return path

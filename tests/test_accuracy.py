@@ -14,10 +14,10 @@ from reward.accuracy import AccuracyConfig, accuracy_table, bootstrap_ratios, ou
 from reward.openai_clip import make_tiny_openai_clip
 from reward.tiny import tiny_reward_settings
 from reward.triplets import TRIPLET_COLUMNS
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError, UserError
-from sr_finetune.experiment import ExperimentConfig
+from sr_finetune.commands.experiment import ExperimentConfig
 
 METRICS = ["social_reward", "clip"]
 

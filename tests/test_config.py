@@ -2,7 +2,7 @@ import pytest
 
 from sr_finetune.config import load_config, to_yaml
 from sr_finetune.errors import ConfigError
-from sr_finetune.experiment import ExperimentConfig
+from sr_finetune.commands.experiment import ExperimentConfig
 
 
 def write(tmp_path, text):

@@ -24,10 +24,10 @@ import pytest
 
 from reward.curate import SKIP_REASONS, CurateConfig, CurationError, Logs, balanced_pairs, curate_triplets, run_curation
 from reward.triplets import TRIPLET_COLUMNS, read_triplets
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError
-from sr_finetune.experiment import ExperimentConfig
+from sr_finetune.commands.experiment import ExperimentConfig
 
 EXPECTED = {("a1", "a2"), ("a1", "a5"), ("a6", "a2"), ("a6", "a5"), ("b1", "b3"), ("f1", "f3")}
 T0 = pd.Timestamp("2024-01-01", tz="UTC")

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from sr_finetune.cli import main
-from sr_finetune.demo import Demo, DemoConfig
-from sr_finetune.demo_summary import checks, model_rows
+from sr_finetune.commands.cli import main
+from sr_finetune.commands.demo import Demo
+from sr_finetune.commands.demo_config import DemoConfig
+from sr_finetune.commands.demo_summary import checks, model_rows
 from sr_finetune.errors import ConfigError
 from sr_finetune.world.files import sample_prompts, write_prompt_file, write_regularization_set
 from sr_finetune.world.pixels import fidelity
@@ -70,7 +71,7 @@ def _results(judge_win: float, ci_low: float, reward: tuple[float, float], fid: 
 
 
 def test_the_summary_explains_no_neg_rows_only_when_there_are_some():
-    from sr_finetune.demo_summary import summary_markdown
+    from sr_finetune.commands.demo_summary import summary_markdown
 
     row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
     accuracy = {name: {"accuracy": 0.85, "ci_low": 0.8, "ci_high": 0.9} for name in ("social_reward", "clip")}
@@ -129,7 +130,7 @@ def test_quick_demo_follows_the_mirrored_taste_too(tmp_path):
 def test_pool_selection_reads_the_judge_at_the_pair_builders_choices():
     import pandas as pd
 
-    from sr_finetune.demo_summary import pool_selection
+    from sr_finetune.commands.demo_summary import pool_selection
     from sr_finetune.pairs import PairsConfig
 
     ids = [f"i{k}" for k in range(6)]
@@ -144,7 +145,7 @@ def test_pool_selection_reads_the_judge_at_the_pair_builders_choices():
 def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
     import pandas as pd
 
-    from sr_finetune.demo_summary import arms_versus
+    from sr_finetune.commands.demo_summary import arms_versus
 
     rows = []
     for model, judge in (("sft", [0.5, 0.6, 0.7, 0.8]), ("swapped", [0.4, 0.6, 0.9, 0.1])):
@@ -155,7 +156,7 @@ def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
 
 
 def test_arms_are_compared_with_the_papers_recipe_and_with_the_random_roles_control():
-    from sr_finetune.demo_summary import comparisons
+    from sr_finetune.commands.demo_summary import comparisons
 
     assert comparisons(["sft"]) == []
     assert comparisons(["sft", "swapped", "dpo"]) == [("sft", ["swapped", "dpo"])]
@@ -165,7 +166,7 @@ def test_arms_are_compared_with_the_papers_recipe_and_with_the_random_roles_cont
 
 
 def test_direction_checks_want_sft_above_and_swapped_below_the_control_with_the_ci_clear_of_half():
-    from sr_finetune.demo_summary import direction_checks
+    from sr_finetune.commands.demo_summary import direction_checks
 
     def row(rate, low, high):
         return {"judge_win_rate": rate, "ci_low": low, "ci_high": high}
@@ -179,7 +180,7 @@ def test_direction_checks_want_sft_above_and_swapped_below_the_control_with_the_
 
 
 def test_the_summary_times_only_the_stages_of_this_run():
-    from sr_finetune.demo_summary import stages_of_run
+    from sr_finetune.commands.demo_summary import stages_of_run
 
     done = {k: {"seconds": 1.0} for k in ("world:community", "curate", "build-pairs:sft", "finetune:sft", "build-pairs:dpo", "finetune:dpo", "evaluate")}
     assert list(stages_of_run(done, ["sft"])) == ["world:community", "curate", "build-pairs:sft", "finetune:sft", "evaluate"]
@@ -206,7 +207,7 @@ def _fake_demo(out, monkeypatch, calls: list, *overrides: str) -> Demo:
             "demo.eval_prompts=2", "demo.regularization_images=2"]  # fmt: skip
     demo = Demo(None, [f"demo.out_dir={out}", *tiny, *overrides])
     demo.runners = {cmd: (section, _FakeStage(cmd, calls)) for cmd, (section, _run) in demo.runners.items()}
-    monkeypatch.setattr("sr_finetune.demo_summary.write_summary", lambda demo: demo.out / "summary.md")
+    monkeypatch.setattr("sr_finetune.commands.demo_summary.write_summary", lambda demo: demo.out / "summary.md")
     return demo
 
 
@@ -272,7 +273,7 @@ def _demo_json(out, win: float, versus_random: float | None) -> None:
 
 
 def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(tmp_path):
-    from sr_finetune.demo_summary import write_tastes_summary
+    from sr_finetune.commands.demo_summary import write_tastes_summary
 
     runs = {"large-centred": tmp_path / "large-centred", "mod.fn": tmp_path / "mod.fn"}
     _demo_json(runs["large-centred"], 0.72, 0.66)
@@ -287,7 +288,7 @@ def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(t
 
 
 def test_each_taste_runs_in_its_own_folder_and_shares_the_pool(tmp_path, monkeypatch):
-    from sr_finetune import demo as demo_module
+    from sr_finetune.commands import demo as demo_module
 
     ran = []
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 
 TINY_YAML = REPO / "recipes" / "configs" / "tiny.yaml"
 SMALL = ["generate.max_prompts=4", "generate.images_per_prompt=3", "generate.steps=3", "finetune.max_train_steps=3", "finetune.checkpointing_steps=0", "finetune.validation_prompts=[]", "finetune.report_to=none",

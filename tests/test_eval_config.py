@@ -6,7 +6,7 @@ import yaml
 from eval.config import EvaluateConfig, FinetunedSpec, ModelSpec
 from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError
-from sr_finetune.experiment import ExperimentConfig
+from sr_finetune.commands.experiment import ExperimentConfig
 
 SOCIAL_REWARD = ["weights.social_reward=sr.pt"]
 

@@ -16,7 +16,7 @@ from eval.config import ModelSpec
 from eval.existing_images import read_existing_images
 from eval.harness import _check_paired
 from reward.scoring import read_scores
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.errors import UserError
 
 METRICS = ["clip"]

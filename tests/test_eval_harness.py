@@ -11,7 +11,7 @@ import yaml
 
 from eval.browser_check import static_check
 from eval.harness import _check_paired
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.errors import UserError
 
 METRICS = ["social_reward", "clip", "aesthetic", "hpsv2", "imagereward", "pickscore"]

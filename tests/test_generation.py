@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.errors import UserError
 from sr_finetune.generation import GenerateConfig, generate_images, image_seed, read_manifest, run_generation, shard_items
 from sr_finetune.prompts import load_prompts

@@ -21,7 +21,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 
 from conftest import REPO
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 from sr_finetune.hub import REPO_PLACEHOLDER, plan_upload
 from sr_finetune.training import FinetuneConfig, run_finetune
 from sr_finetune.training.export import model_card_text

@@ -553,7 +553,7 @@ def test_holding_out_every_prompt_is_an_error_naming_the_key(tmp_path, pool):
 def test_the_held_out_file_is_a_prompt_set_of_evaluate(tmp_path, pool, tiny_rewards):
     import yaml
 
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     folder, scores = pool
     build_pairs(PairsConfig(generations=str(folder), scores=str(scores), held_out_prompts=4, output_dir=str(tmp_path / "pairs")))

@@ -163,7 +163,7 @@ def test_stages_on_a_pipe_write_whole_log_lines_and_no_library_bars(tmp_path, ti
     }
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "sr_finetune.cli", "run", "--config", "small.yaml", "--stages", "generate,evaluate"]
+    command = [sys.executable, "-m", "sr_finetune.commands.cli", "run", "--config", "small.yaml", "--stages", "generate,evaluate"]
     done = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
     err = done.stderr
     assert done.returncode == 0, err[-3000:]

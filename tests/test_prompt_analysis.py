@@ -92,7 +92,7 @@ def test_over_represented_clusters_rank_by_kl_contribution():
 
 
 def test_config_needs_two_datasets(tmp_path):
-    from sr_finetune.experiment import ExperimentConfig
+    from sr_finetune.commands.experiment import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, None, ["datasets.parti.prompts=parti", f"output_dir={tmp_path}"], section="prompt_analysis")
     with pytest.raises(ConfigError, match="prompt_analysis.datasets: name at least two datasets"):

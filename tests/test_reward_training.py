@@ -116,7 +116,7 @@ def test_saved_weights_are_an_openai_layout_state_dict_with_only_the_preset_trai
 
 
 def test_sr_finetune_score_gives_the_validation_scores_of_the_saved_weights(trained, tmp_path):
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     _, out = trained
     val = pd.read_parquet(out / "val_scores.parquet")
@@ -170,7 +170,7 @@ def test_a_run_interrupted_mid_epoch_and_resumed_ends_with_the_uninterrupted_wei
 def test_loss_ablation_prints_a_table_of_val_and_test_accuracy_per_loss(small_set, small_clip, tmp_path, caplog):
     import logging
 
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     caplog.set_level(logging.INFO, logger="sr_finetune")
     args = ["train-reward", f"triplets={small_set}", f"base_model={small_clip}", f"output_dir={tmp_path / 'runs'}", "ablation=true", "max_train_steps=1",
@@ -245,7 +245,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_clip):
     ],
 )
 def test_bad_settings_are_one_line_config_errors(override, message):
-    from sr_finetune.experiment import ExperimentConfig
+    from sr_finetune.commands.experiment import ExperimentConfig
 
     with pytest.raises(ConfigError, match=message) as err:
         load_config(ExperimentConfig, None, ["triplets=t.parquet", *override.split()], section="train_reward")

@@ -111,7 +111,7 @@ def test_bad_tables_are_one_line_errors(tmp_path):
 
 def score_cli(tiny_scorers, table, out) -> int:
     """``sr-finetune score image_table=...`` with the tiny HPS v2 scorer."""
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     weights, _ = tiny_scorers
     overrides = [f"image_table={table}", "metrics=[hpsv2]", f"weights={{hpsv2: {weights['hpsv2']}}}", "options={hpsv2: {model_config: tiny}}"]
@@ -289,7 +289,7 @@ def test_cpu_workers_yield_the_cpus_to_the_forward_which_keeps_its_threads():
     from reward import scoring
 
     base = os.nice(0)
-    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=scoring._yield_cpu_to_forward)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=scoring.yield_cpu_to_forward)
     assert list(loader) == [min(19, base + scoring.WORKER_NICENESS)] * 2
     assert os.nice(0) == base  # the main process keeps its priority
 

@@ -58,7 +58,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(tmp_path):
 
 
 def test_cli_writes_tiny_model(tmp_path):
-    from sr_finetune.cli import main
+    from sr_finetune.commands.cli import main
 
     assert main(["tiny-model", str(tmp_path / "m"), "--seed", "1"]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import image_in_mode, load_tiny_reward
 from reward import load_reward
 from reward.tiny import METRICS, make_tiny_rewards
-from sr_finetune.cli import main
+from sr_finetune.commands.cli import main
 
 
 @pytest.fixture(scope="module")

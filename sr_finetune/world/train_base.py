@@ -128,6 +128,51 @@ class Checkpoint:
         optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
 
 
+@dataclass
+class Phase:
+    """What every step of a world training loop shares: the learning rate of the step (warmup,
+    then cosine), the optimizer update, and a checkpoint every ``checkpoint_every`` steps and
+    after the last. A loop reads ``for step in phase.steps(start): ...; phase.update(step, loss)``."""
+
+    desc: str  # the progress bar's and the log's name
+    optimizer: torch.optim.Optimizer
+    ckpt: Checkpoint
+    models: dict[str, torch.nn.Module]  # what each checkpoint saves
+    state: dict  # what each checkpoint's state.json holds besides the step ({"phase": ...})
+    lr: float
+    warmup_steps: int
+    total: int
+    checkpoint_every: int
+    max_grad_norm: float | None = None  # clip the gradients' norm before the step
+    metric: str = "loss"  # the name and decimals of the value shown and logged
+    digits: int = 4
+    images_per_step: int | None = None  # show the images per second
+
+    def steps(self, start: int):
+        """The steps from ``start``, each with its learning rate set, under a progress bar."""
+        self._bar = progress(range(start, self.total), initial=start, total=self.total, desc=self.desc, unit="step")
+        self._started, self._done = time.time(), 0
+        for step in self._bar:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(step, self.lr, self.warmup_steps, self.total)
+            yield step
+
+    def update(self, step: int, loss: torch.Tensor, shown: torch.Tensor | None = None) -> None:
+        """One optimizer step on ``loss``; ``shown`` (default: the loss) goes on the bar and log."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.max_grad_norm)
+        self.optimizer.step()
+        self._done += 1
+        value = f"{(loss if shown is None else shown).item():.{self.digits}f}"
+        rate = {"img_s": f"{self._done * self.images_per_step / (time.time() - self._started):.1f}"} if self.images_per_step else {}
+        self._bar.set_postfix(**{self.metric: value}, **rate)
+        if (step + 1) % self.checkpoint_every == 0 or step + 1 == self.total:
+            self.ckpt.save({"phase": self.state["phase"], "step": step + 1, **self.state}, self.models, self.optimizer)
+            logger.info("%s step %d/%d %s %s", self.desc, step + 1, self.total, self.metric, value)
+
+
 def open_run(out: Path, settings: dict, settings_name: str, resume: bool, command: str) -> Checkpoint:
     """The checkpoint of run folder ``out`` after checking it: a fresh run refuses an existing
     checkpoint, a resumed one refuses settings that differ from the saved ones (named)."""
@@ -157,24 +202,15 @@ def _tokenizer(out: Path):
 def train_vae(vae, cfg: BaseTrainConfig, prompts: list[Prompt], ckpt: Checkpoint, start: int, optimizer) -> None:
     """Reconstruction (MSE) plus a small KL term, as SD's VAE but without the GAN/perceptual losses."""
     vae.train()
-    bar = progress(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae", unit="step")
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_lr, cfg.warmup_steps, cfg.vae_steps)
+    phase = Phase("vae", optimizer, ckpt, {"vae": vae}, {"phase": "vae"}, cfg.vae_lr, cfg.warmup_steps, cfg.vae_steps, cfg.checkpoint_every, metric="mse")
+    for step in phase.steps(start):
         pixels, _ = render_batch(prompts, cfg.vae_batch_size, seed_of(cfg.seed, "vae", step))
         generator = torch.Generator().manual_seed(seed_of(cfg.seed, "vae-noise", step))
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(latents).sample
         mse = torch.nn.functional.mse_loss(recon, pixels)
-        loss = mse + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            ckpt.save({"phase": "vae", "step": step + 1}, {"vae": vae}, optimizer)
-            logger.info("vae step %d/%d mse %.4f", step + 1, cfg.vae_steps, mse.item())
+        phase.update(step, mse + 1e-6 * posterior.kl().mean(), shown=mse)
 
 
 @torch.no_grad()
@@ -193,11 +229,10 @@ def train_unet(unet, text_encoder, vae, tokenizer, cfg: BaseTrainConfig, prompts
     unet.train()
     text_encoder.train()
     vae.eval()
-    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet", unit="step")
-    t0, done = time.time(), 0
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+    models = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    state = {"phase": "unet", "scaling_factor": scaling}
+    phase = Phase("unet", optimizer, ckpt, models, state, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.checkpoint_every, max_grad_norm=1.0, images_per_step=cfg.batch_size)
+    for step in phase.steps(start):
         pixels, captions = render_batch(prompts, cfg.batch_size, seed_of(cfg.seed, "unet", step))
         generator = torch.Generator().manual_seed(seed_of(cfg.seed, "unet-noise", step))
         drop = torch.rand(len(captions), generator=generator) < cfg.empty_caption_share
@@ -213,15 +248,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, cfg: BaseTrainConfig, prompts
         loss = torch.nn.functional.mse_loss(prediction, noise)
         if not torch.isfinite(loss):
             raise UserError(f"train-base: loss is {loss.item()} at UNet step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        done += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{done * cfg.batch_size / (time.time() - t0):.1f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save({"phase": "unet", "step": step + 1, "scaling_factor": scaling}, {"vae": vae, "unet": unet, "text_encoder": text_encoder}, optimizer)
-            logger.info("unet step %d/%d loss %.4f", step + 1, cfg.steps, loss.item())
+        phase.update(step, loss)
 
 
 def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
@@ -293,4 +320,4 @@ def export_checkpoint(out_dir: str | os.PathLike) -> Path:
     return write_pipeline(out / "model", vae, unet, text_encoder, _tokenizer(out), state["scaling_factor"])
 
 
-__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "export_checkpoint", "open_run", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]
+__all__ = ["BaseTrainConfig", "CONTEXT_LENGTH", "Checkpoint", "Phase", "export_checkpoint", "open_run", "lr_at", "render_batch", "sample_renders", "seed_of", "train_base"]

@@ -18,10 +18,10 @@ from reward.aesthetic_training import AestheticTrainConfig
 from reward.scoring import ScoreConfig
 from reward.train_config import TrainRewardConfig
 
-from .demo import DemoConfig
-from .generation import GenerateConfig
-from .pairs import PairsConfig
-from .training.config import FinetuneConfig
+from ..generation import GenerateConfig
+from ..pairs import PairsConfig
+from ..training.config import FinetuneConfig
+from .demo_config import DemoConfig
 
 
 @dataclass

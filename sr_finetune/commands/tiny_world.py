@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .progress import progress, quiet_library_bars
+from ..progress import progress, quiet_library_bars
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -72,7 +72,7 @@ def make_tiny_world(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write the tiny model, the six tiny scorers and the regularisation set under ``root``."""
     from reward.tiny import make_tiny_rewards
 
-    from .tiny_models import make_tiny_sd_pipeline
+    from ..tiny_models import make_tiny_sd_pipeline
 
     root = Path(root)
     paths = {"model": root / "model", "rewards": root / "rewards", "regularization": root / "regularization"}

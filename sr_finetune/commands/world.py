@@ -23,7 +23,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _community(args: argparse.Namespace) -> int:
-    from .world.community import CommunityConfig, simulate_community
+    from ..world.community import CommunityConfig, simulate_community
 
     paths = simulate_community(args.out_dir, CommunityConfig(prompts=args.prompts, users=args.users, seed=args.seed))
     logger.info("community logs written: %s", ", ".join(f"{k} -> {v}" for k, v in paths.items()))
@@ -36,8 +36,8 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def _train_base(args: argparse.Namespace) -> int:
-    from .world.base_model import WorldModelSpec
-    from .world.train_base import BaseTrainConfig, export_checkpoint, train_base
+    from ..world.base_model import WorldModelSpec
+    from ..world.train_base import BaseTrainConfig, export_checkpoint, train_base
 
     if args.export_checkpoint:
         logger.info("pipeline written to %s", export_checkpoint(args.out_dir))
@@ -57,7 +57,7 @@ def _train_clip(args: argparse.Namespace) -> int:
 
 
 def _fidelity(args: argparse.Namespace) -> int:
-    from .world.fidelity import format_report, measure_fidelity
+    from ..world.fidelity import format_report, measure_fidelity
 
     report = measure_fidelity(args.model, split=args.split, max_prompts=args.prompts, images_per_prompt=args.images_per_prompt, guidance=args.guidance, steps=args.steps, seed=args.seed, out_dir=args.out)
     print(format_report(report))
@@ -67,7 +67,7 @@ def _fidelity(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from reward.world_clip import pack_world_clip
 
-    from .world.assets import ASSETS_DIR, pack_pipeline
+    from ..world.assets import ASSETS_DIR, pack_pipeline
 
     dest = args.dest or ASSETS_DIR
     written = [pack_pipeline(args.base, dest), pack_world_clip(args.clip, dest)]
@@ -80,7 +80,7 @@ def _materialize(args: argparse.Namespace) -> int:
 
     from reward.world_clip import materialize_world_clip
 
-    from .world.assets import ASSETS_DIR, materialize_pipeline
+    from ..world.assets import ASSETS_DIR, materialize_pipeline
 
     assets = args.assets or ASSETS_DIR
     out = Path(args.out_dir)

@@ -19,9 +19,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .config import load_config, to_yaml
-from .errors import ConfigError, UserError
-from .progress import progress_output
+from ..config import load_config, to_yaml
+from ..errors import ConfigError, UserError
+from ..progress import progress_output
+from .stages import STAGES, TOOLS, stage_runners
 
 logger = logging.getLogger("sr_finetune")
 
@@ -55,76 +56,8 @@ def _stage(section: str, run: Callable[[object], object]) -> Callable[[argparse.
     return handler
 
 
-def _curate(cfg):
-    from reward.curate import run_curation
-
-    return run_curation(cfg)
-
-
-def _accuracy(cfg):
-    from reward.accuracy import run_accuracy
-
-    return run_accuracy(cfg)
-
-
-def _generate(cfg):
-    from .generation import run_generation
-
-    return run_generation(cfg)
-
-
-def _build_pairs(cfg):
-    from .pairs import build_pairs
-
-    return build_pairs(cfg)
-
-
-def _finetune(cfg):
-    from reward import load_training_reward
-
-    from .training import run_finetune
-
-    return run_finetune(cfg, reward_loader=load_training_reward)
-
-
-def _score(cfg):
-    from reward.scoring import run_scoring
-
-    return run_scoring(cfg)
-
-
-def _train_reward(cfg):
-    from reward.train import run_train_reward
-
-    return run_train_reward(cfg)
-
-
-def _evaluate(cfg):
-    from eval.harness import run_evaluation
-
-    return run_evaluation(cfg)
-
-
-def _analyze_prompts(cfg):
-    from eval.prompts import run_prompt_analysis
-
-    return run_prompt_analysis(cfg)
-
-
-def _validate_scorer(cfg):
-    from eval.validation import run_validation
-
-    return run_validation(cfg)
-
-
-def _train_aesthetic(cfg):
-    from reward.aesthetic_training import run_aesthetic_training
-
-    return run_aesthetic_training(cfg)
-
-
 def _run_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_models import make_tiny_sd_pipeline
+    from ..tiny_models import make_tiny_sd_pipeline
 
     out = make_tiny_sd_pipeline(args.out_dir, seed=args.seed)
     logger.info("tiny SD-2.1-shaped pipeline written to %s", out)
@@ -151,7 +84,7 @@ def _run_push(args: argparse.Namespace) -> int:
     """Upload a finished folder (minus training state); with --eval, its card carries the evaluation."""
     from pathlib import Path
 
-    from .hub import check_hub_access, push_command, push_folder, read_card
+    from ..hub import check_hub_access, push_command, push_folder, read_card
 
     card = read_card(Path(args.dir))
     token = check_hub_access(args.repo)  # before the card and grids are made
@@ -217,32 +150,6 @@ def _run_stages(args: argparse.Namespace) -> int:
     return 0
 
 
-def stage_runners() -> dict[str, tuple[str, Callable[[object], object]]]:
-    """subcommand -> (config section, runner) of every flow stage."""
-    return {command: (section, run) for command, section, run, _ in STAGES}
-
-
-# (subcommand, config section, runner, help), in the order of the flow
-STAGES = [
-    ("curate", "curate", _curate, "engagement logs -> (prompt, positive, negative) triplets split by prompt"),
-    ("train-reward", "train_reward", _train_reward, "train a Social Reward model on curated triplets (resumable, multi-process, loss ablation)"),
-    ("accuracy", "accuracy", _accuracy, "pairwise accuracy of reward models on a triplet split, with ties and bootstrap CIs"),
-    ("generate", "generate", _generate, "generate images for a prompt set (sharded, resumable)"),
-    ("score", "score", _score, "score generations with reward models (sharded, resumable)"),
-    ("build-pairs", "pairs", _build_pairs, "build the fine-tune set: chosen / rejected / regularisation"),
-    ("finetune", "finetune", _finetune, "fine-tune UNet and text encoder on a fine-tune set, or online on prompts and a reward (resumable, multi-process)"),
-    ("evaluate", "evaluate", _evaluate, "baseline vs fine-tuned: paired generation, six metrics, win-rates with CIs, HTML report"),
-]
-
-# (subcommand, config section, runner, help): analyses and tools with a config section, outside the flow
-# (``run`` does not run them)
-TOOLS = [
-    ("analyze-prompts", "prompt_analysis", _analyze_prompts, "compare prompt sets: Sentence-BERT embeddings, Ward clusters, KL table, t-SNE plot"),
-    ("train-aesthetic", "social_aesthetic", _train_aesthetic, "train the social_aesthetic scorer: a head on CLIP embeddings predicting engagement buckets"),
-    ("validate-scorer", "validate_scorer", _validate_scorer, "correlate scores with human ratings: Pearson/Spearman/Kendall with CIs, per popularity bucket, pairwise agreement"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sr-finetune", description="Reward-guided fine-tuning of text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.set_defaults(func=_run_tiny_world)
 
-    from .world_commands import add_world_parser
+    from .world import add_world_parser
 
     add_world_parser(sub)
 

@@ -21,49 +21,17 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-from .config import load_config, to_yaml
-from .errors import ConfigError
-from .world.community import CommunityConfig
+from ..config import load_config, to_yaml
+from ..errors import ConfigError
+from .demo_config import DemoConfig
 
 logger = logging.getLogger("sr_finetune")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "demo.yaml"
 STATE_FILE = "demo_state.json"
-
-
-@dataclass
-class DemoConfig:
-    """The demo's own settings (``demo:``); the stages' sizes are in their own sections."""
-
-    out_dir: str = "runs/demo"
-    community: CommunityConfig = field(default_factory=CommunityConfig)
-    pool_prompts: Optional[int] = 400  # train-split prompts the base model samples the pool for (None: all 2,391)
-    eval_prompts: Optional[int] = 100  # held-out (test-split) prompts of the comparison (None: all 292)
-    regularization_images: int = 1000  # captioned true renders, the LAION share of the paper
-    arms: list[str] = field(default_factory=lambda: ["sft"])  # which arm_presets to fine-tune and evaluate
-    arm_presets: dict[str, list[str]] = field(default_factory=lambda: {"sft": []})  # name -> pairs./finetune. overrides
-    without_negative_token: bool = False  # true: also evaluate each arm without the negative prompt at inference
-    quick: list[str] = field(default_factory=list)  # overrides that --quick applies (smaller sizes)
-    seed: int = 0
-
-    def validate(self) -> None:
-        missing = [a for a in self.arms if a not in self.arm_presets]
-        if not self.arms or missing:
-            raise ConfigError(f"config error: demo.arms {self.arms} must name arm_presets ({', '.join(self.arm_presets)})")
-        for name, overrides in self.arm_presets.items():
-            bad = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("pairs", "finetune") or "=" not in o]
-            if bad:
-                raise ConfigError(f"config error: demo.arm_presets.{name}: {bad[0]!r} is not a pairs.KEY=VALUE or finetune.KEY=VALUE override")
-        for key in ("pool_prompts", "eval_prompts"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"config error: demo.{key} must be positive or null (got {getattr(self, key)})")
-        if self.regularization_images < 0:
-            raise ConfigError(f"config error: demo.regularization_images must be >= 0 (got {self.regularization_images})")
-        self.community.validate()
 
 
 class DemoState:
@@ -113,7 +81,7 @@ class Demo:
             self.overrides = list(self.cfg.quick) + self.overrides
             self.cfg = self.section_config("demo")
         self.out = Path(self.cfg.out_dir)
-        from .cli import stage_runners
+        from .stages import stage_runners
 
         self.runners = stage_runners()
         self.state: DemoState | None = None
@@ -126,9 +94,9 @@ class Demo:
         it changed; its fingerprint is what the stages reading it depend on (``world:<part>``)."""
         from reward.world_clip import materialize_world_clip
 
-        from .world.assets import ASSETS_DIR, materialize_pipeline
-        from .world.community import simulate_community
-        from .world.files import write_prompt_file, write_regularization_set
+        from ..world.assets import ASSETS_DIR, materialize_pipeline
+        from ..world.community import simulate_community
+        from ..world.files import write_prompt_file, write_regularization_set
 
         world, cfg = self.out / "world", self.cfg
 
@@ -196,7 +164,7 @@ class Demo:
 
     def is_online(self, arm: str) -> bool:
         """Whether an arm fine-tunes with an online objective (no pairs: it samples from the model)."""
-        from .training.config import ONLINE_OBJECTIVES
+        from ..training.config import ONLINE_OBJECTIVES
 
         return self.section_config("finetune", self.arm_overrides(arm)).objective in ONLINE_OBJECTIVES
 
@@ -273,4 +241,4 @@ def run_tastes(tastes: Sequence[str], config: str | os.PathLike | None = None, o
     return write_tastes_summary(root, runs, list(probe.cfg.arms))
 
 
-__all__ = ["DEFAULT_CONFIG", "Demo", "DemoConfig", "run_demo", "run_tastes", "taste_folder"]
+__all__ = ["DEFAULT_CONFIG", "Demo", "run_demo", "run_tastes", "taste_folder"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .pairs import PairsConfig
+    from ..pairs import PairsConfig
 
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
@@ -58,7 +58,7 @@ def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg: 
     selection, the paper's roles), and the share of prompts whose chosen image the judge prefers."""
     from dataclasses import replace
 
-    from .pairs import best_and_worst
+    from ..pairs import best_and_worst
 
     cfg = replace(pairs_cfg, swap_chosen_rejected=False, random_roles=False)
     per_prompt, _ = best_and_worst(manifest, scores, cfg, check_files=False, sources=("pool manifest", "pool scores"))
@@ -187,7 +187,7 @@ def write_summary(demo) -> Path:
     pool_scores = demo.output_dir("score") / "scores.parquet"
     scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
     if scores is not None and JUDGE in scores and pairs_cfg.reward_column in scores:
-        from .pairs import read_generations
+        from ..pairs import read_generations
 
         pool = pool_selection(read_generations(pairs_cfg.generations), scores, pairs_cfg)
     versus = {}
