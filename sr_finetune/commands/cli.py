@@ -1,6 +1,7 @@
 """The ``sr-finetune`` command: one subcommand per stage, each also a script in ``recipes/``.
 
     sr-finetune tiny-model OUT_DIR [--seed N]
+    sr-finetune real-size-model OUT_DIR --variant 2-1-base|2-1 [--seed N] [--fp16-variant]
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune curate | train-reward | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
@@ -61,6 +62,14 @@ def _run_tiny_model(args: argparse.Namespace) -> int:
 
     out = make_tiny_sd_pipeline(args.out_dir, seed=args.seed)
     logger.info("tiny SD-2.1-shaped pipeline written to %s", out)
+    return 0
+
+
+def _run_real_size_model(args: argparse.Namespace) -> int:
+    from ..real_size import make_real_size_pipeline
+
+    out = make_real_size_pipeline(args.out_dir, variant=args.variant, seed=args.seed, fp16_variant=args.fp16_variant)
+    logger.info("random-weight SD %s pipeline of the real size written to %s", args.variant, out)
     return 0
 
 
@@ -158,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_run_tiny_model)
+
+    real = sub.add_parser("real-size-model", help="write a random-weight pipeline of the real SD 2.1 size and architecture (about 5 GB; to try memory and loading offline)")
+    real.add_argument("out_dir", help="a new or empty folder")
+    real.add_argument("--variant", required=True, help="2-1-base (512 px, epsilon) or 2-1 (768 px, v-prediction)")
+    real.add_argument("--seed", type=int, default=0)
+    real.add_argument("--fp16-variant", action="store_true", help="also write the *.fp16.safetensors weights, as the hub has them")
+    real.set_defaults(func=_run_real_size_model)
 
     rewards = sub.add_parser("tiny-rewards", help="write tiny weights of the six scorers (for tests and demos)")
     rewards.add_argument("out_dir")
