@@ -5,6 +5,7 @@
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune curate | train-reward | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
+    sr-finetune plan --config FILE [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
@@ -86,6 +87,16 @@ def _run_tiny_world(args: argparse.Namespace) -> int:
 
     paths = make_tiny_world(args.root, seed=args.seed)
     logger.info("tiny world written: %s", ", ".join(f"{k} -> {v}" for k, v in paths.items()))
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan of the config's finetune section; nothing is trained or loaded."""
+    from ..training.memory_plan import plan_memory
+    from .experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides, section="finetune").finetune
+    print("\n".join(plan_memory(cfg).lines()))
     return 0
 
 
@@ -193,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         stage = sub.add_parser(command, help=help_text)
         _add_config_args(stage)
         stage.set_defaults(func=_stage(section, run))
+
+    plan = sub.add_parser("plan", help="memory plan of a finetune config (parameters, weights, gradients, optimizer, EMA, reference, estimated activations, peak, which GPU it fits); loads no weights")
+    plan.add_argument("--config", help="YAML config file with a finetune section (see recipes/configs/)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides of the finetune section, e.g. train_batch_size=2")
+    plan.set_defaults(func=_run_plan)
 
     run_all = sub.add_parser("run", help="run several stages of one config in order (single process; each stage resumes)")
     run_all.add_argument("--config", required=True, help="YAML config file with a section per stage")

@@ -1,0 +1,90 @@
+"""``sr-finetune plan``: a fine-tune run's memory per process, from configs on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+
+from sr_finetune.real_size import PUBLISHED_PARAMETERS
+from sr_finetune.training.config import FinetuneConfig, LoraSettings
+from sr_finetune.training.memory_plan import plan_memory
+
+
+def _plan(model, **settings):
+    return plan_memory(FinetuneConfig(model=str(model), **settings))
+
+
+def test_plan_counts_the_parameters_of_the_real_model_from_its_hub_id():
+    plan = _plan("stabilityai/stable-diffusion-2-1", train_text_encoder=False, gradient_checkpointing=True, train_batch_size=1)
+    assert {name: total for name, (total, _) in plan.parameters.items()} == PUBLISHED_PARAMETERS
+    assert {name: trained for name, (_, trained) in plan.parameters.items()} == {"unet": PUBLISHED_PARAMETERS["unet"], "text_encoder": 0, "vae": 0}
+    assert plan.largest == "optimizer state (adamw, 8 B/param)"
+    assert plan.peak == sum(plan.items.values())
+
+
+def test_weights_gradients_and_optimizer_follow_the_trained_parameters(tiny_sd):
+    plan = _plan(tiny_sd, mixed_precision="bf16")
+    unet, text, vae = (plan.parameters[n][0] for n in ("unet", "text_encoder", "vae"))
+    assert plan.items["weights unet"] == 4 * unet and plan.items["weights text_encoder"] == 4 * text
+    assert plan.items["weights vae"] == 2 * vae  # frozen: in the mixed-precision dtype
+    assert plan.items["gradients (fp32)"] == 4 * (unet + text)
+    assert plan.items["optimizer state (adamw, 8 B/param)"] == 8 * (unet + text)
+    eight_bit = _plan(tiny_sd, mixed_precision="bf16", optimizer="adamw8bit")
+    assert eight_bit.items["optimizer state (adamw8bit, 2 B/param)"] == 2 * (unet + text)
+    assert not any(k.startswith("EMA") for k in plan.items)
+    assert _plan(tiny_sd, use_ema=True).items["EMA (fp32 copy of the trained parameters)"] == 4 * (unet + text)
+
+
+def test_dpo_keeps_a_frozen_reference_copy_unless_lora(tiny_sd):
+    plan = _plan(tiny_sd, objective="dpo", mixed_precision="fp16")
+    unet, text = plan.parameters["unet"][0], plan.parameters["text_encoder"][0]
+    assert plan.items["reference copy (frozen starting model)"] == 2 * (unet + text)
+    lora = _plan(tiny_sd, objective="dpo", train_text_encoder=False, lora=LoraSettings(rank=4))
+    assert lora.items["reference copy (frozen starting model)"] == 0
+
+
+def test_lora_trains_exactly_the_adapter_parameters_peft_adds(tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    from sr_finetune.training.trainer import add_lora
+
+    cfg = FinetuneConfig(model=str(tiny_sd), train_text_encoder=False, lora=LoraSettings(rank=4))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet.requires_grad_(False)
+    add_lora(unet, cfg)
+    adapters = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert plan_memory(cfg).parameters["unet"][1] == adapters
+
+
+def test_activation_estimate_grows_with_batch_and_shrinks_with_checkpointing(tiny_sd):
+    def unet_activations(**settings):
+        plan = _plan(tiny_sd, train_text_encoder=False, resolution=64, **settings)
+        return next(v for k, v in plan.items.items() if k.startswith("activations unet"))
+
+    one, two = unet_activations(train_batch_size=1), unet_activations(train_batch_size=2)
+    assert 0 < one < two
+    assert unet_activations(train_batch_size=2, gradient_checkpointing=True) < two
+    assert unet_activations(train_batch_size=2, attention="eager") > two  # the attention matrix is kept
+
+
+def test_cli_prints_the_plan_with_the_cards_it_fits(tiny_sd, capsys):
+    from sr_finetune.commands.cli import main
+
+    assert main(["plan", f"model={tiny_sd}"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "fits: 24 GB yes, 40 GB yes, 80 GB yes" in out
+    assert "activations are an estimate" in out
+
+
+def test_cli_refuses_a_model_whose_architecture_it_cannot_know_in_one_line(capsys):
+    from sr_finetune.commands.cli import main
+
+    assert main(["plan", "model=someone/some-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no architecture known for model 'someone/some-model'" in err[0]
+
+
+@pytest.mark.parametrize("objective", ["backprop"])
+def test_online_objectives_say_their_activations_are_not_estimated(tiny_sd, objective):
+    plan = _plan(tiny_sd, objective=objective)
+    assert not any(k.startswith("activations") for k in plan.items)
+    assert any("not estimated" in note for note in plan.notes)
