@@ -165,6 +165,18 @@ def test_arms_are_compared_with_the_papers_recipe_and_with_the_random_roles_cont
     assert comparisons(["random", "swapped"]) == [("random", ["swapped"])]
 
 
+def test_each_arm_is_compared_with_its_own_control_when_the_config_names_one():
+    from sr_finetune.commands.demo_summary import comparisons, control_of, direction_checks
+
+    controls = {"sft": "random", "swapped": "random", "dpo": "dpo-random"}
+    assert comparisons(["dpo", "dpo-random", "sft"], controls) == [("dpo", ["sft"]), ("dpo-random", ["dpo"])]
+    assert comparisons(["dpo", "dpo-random", "sft", "random"], controls) == [("dpo", ["sft"]), ("dpo-random", ["dpo"]), ("random", ["sft"])]
+    assert [control_of(a, ["dpo", "dpo-random", "backprop", "random"], controls) for a in ("dpo", "dpo-random", "backprop", "random")] == ["dpo-random", None, "random", None]
+    row = {"judge_win_rate": 0.7, "ci_low": 0.62, "ci_high": 0.78}
+    got = direction_checks({"dpo vs dpo-random": row, "dpo vs random": {**row, "ci_low": 0.4}}, controls)
+    assert got == [("dpo beats dpo-random on the judge (70.0%, CI 62.0% – 78.0%; CI low > 50%)", True)]
+
+
 def test_direction_checks_want_sft_above_and_swapped_below_the_control_with_the_ci_clear_of_half():
     from sr_finetune.commands.demo_summary import direction_checks
 
@@ -278,9 +290,12 @@ def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(t
     runs = {"large-centred": tmp_path / "large-centred", "mod.fn": tmp_path / "mod.fn"}
     _demo_json(runs["large-centred"], 0.72, 0.66)
     _demo_json(runs["mod.fn"], 0.40, None)
+    data = json.loads((runs["mod.fn"] / "demo.json").read_text())  # a control named by demo.controls
+    data["versus"] = {"sft vs sft-random": {"judge_win_rate": 0.61, "ci_low": 0.55, "ci_high": 0.67}, "sft vs random": {"judge_win_rate": 0.1, "ci_low": 0.0, "ci_high": 0.2}}
+    (runs["mod.fn"] / "demo.json").write_text(json.dumps({**data, "controls": {"sft": "sft-random"}}))
     text = write_tastes_summary(tmp_path, runs, ["sft"]).read_text()
+    assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) | 61.0% (55.0% – 67.0%) |" in text
     assert "| large-centred | sft | 72.0% (66.0% – 78.0%) | 66.0% (60.0% – 72.0%) | 0.600 (0.500) | 0.500 (0.400) | 12.0% (14.0%) |" in text
-    assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) |  |" in text  # no control ran there
     assert "## large-centred: 2 of 2 checks met" in text and "## mod.fn: 0 of 2 checks met" in text
     data = json.loads((tmp_path / "tastes.json").read_text())
     assert [(r["taste"], r["arm"]) for r in data["rows"]] == [("large-centred", "sft"), ("mod.fn", "sft")]

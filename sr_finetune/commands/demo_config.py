@@ -20,6 +20,8 @@ class DemoConfig:
     regularization_images: int = 1000  # captioned true renders, the LAION share of the paper
     arms: list[str] = field(default_factory=lambda: ["sft"])  # which arm_presets to fine-tune and evaluate
     arm_presets: dict[str, list[str]] = field(default_factory=lambda: {"sft": []})  # name -> pairs./finetune. overrides
+    # arm -> its control: the same preset with random roles (fine-tuning on the pool without the reward's direction)
+    controls: dict[str, str] = field(default_factory=dict)
     without_negative_token: bool = False  # true: also evaluate each arm without the negative prompt at inference
     quick: list[str] = field(default_factory=list)  # overrides that --quick applies (smaller sizes)
     seed: int = 0
@@ -32,6 +34,9 @@ class DemoConfig:
             bad = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("pairs", "finetune") or "=" not in o]
             if bad:
                 raise ConfigError(f"config error: demo.arm_presets.{name}: {bad[0]!r} is not a pairs.KEY=VALUE or finetune.KEY=VALUE override")
+        for arm, control in self.controls.items():
+            if arm not in self.arm_presets or control not in self.arm_presets:
+                raise ConfigError(f"config error: demo.controls.{arm}: {arm} -> {control} must name two arm_presets ({', '.join(self.arm_presets)})")
         for key in ("pool_prompts", "eval_prompts"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"config error: demo.{key} must be positive or null (got {getattr(self, key)})")

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 JUDGE, REWARD, FIDELITY = "world_judge", "social_reward", "world_fidelity"
 UNTRAINED = "clip"
-CONTROL_ARM = "random"  # pairs with random roles: fine-tuning on the pool without the reward's direction
-DIRECTION = {"sft": True, "swapped": False}  # arm -> should it beat the control on the judge (CI clear of 50%)
+CONTROL_ARM = "random"  # pairs with random roles: the control of an arm that demo.controls does not name
+DIRECTION = {"sft": True, "swapped": False, "dpo": True}  # arm -> should it beat its control on the judge (CI clear of 50%)
 TARGETS = {"judge_win_rate": 0.65, "judge_ci_low": 0.5, "fidelity_drop_points": 5.0, "reward_accuracy": 0.80}
 
 
@@ -78,14 +78,28 @@ def arms_versus(scores: "pd.DataFrame", reference: str, others: list[str]) -> di
     return {r.model: {"versus": reference, "judge_win_rate": r.win_rate, "ci_low": r.ci_low, "ci_high": r.ci_high, "tie_rate": r.tie_rate, "pairs": r.n} for r in rows.itertuples()}
 
 
-def comparisons(arms: list[str]) -> list[tuple[str, list[str]]]:
-    """(reference arm, arms compared with it): every arm against the first (the paper's recipe),
-    and every arm against the control arm when it runs."""
-    control = CONTROL_ARM if CONTROL_ARM in arms[1:] else None
-    pairs = [(arms[0], [a for a in arms[1:] if a != control])]
-    if control:
-        pairs.append((control, [a for a in arms if a != control]))
-    return [(reference, others) for reference, others in pairs if others]
+def control_arms(arms: list[str], controls: dict[str, str]) -> set[str]:
+    """The arms that ran as another arm's control (``controls``, else the random-roles ``random``)."""
+    return {c for a in arms if (c := controls.get(a, CONTROL_ARM)) in arms and c != a}
+
+
+def control_of(arm: str, arms: list[str], controls: dict[str, str]) -> str | None:
+    """The control ``arm`` is compared with for the reward's direction, when it ran (a control has none)."""
+    control = controls.get(arm, CONTROL_ARM)
+    return control if control in arms and control != arm and arm not in control_arms(arms, controls) else None
+
+
+def comparisons(arms: list[str], controls: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
+    """(reference arm, arms compared with it): every arm but the controls against the first (the
+    demo's method), and every arm against its control when that ran."""
+    controls = controls or {}
+    used = control_arms(arms, controls)
+    pairs = {arms[0]: [a for a in arms[1:] if a not in used]}
+    for arm in arms:
+        control = control_of(arm, arms, controls)
+        if control is not None and arm not in pairs.setdefault(control, []):
+            pairs[control].append(arm)
+    return [(reference, others) for reference, others in pairs.items() if others]
 
 
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
@@ -101,19 +115,20 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     ]
 
 
-def direction_checks(versus: dict[str, dict]) -> list[tuple[str, bool]]:
-    """(description, passed): the paper's recipe beats the control and the swapped ablation loses
-    to it, each with the 95% CI clear of 50%; arms that did not run are left out."""
+def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = None) -> list[tuple[str, bool]]:
+    """(description, passed): each of the demo's methods (sft, dpo) beats its control and the
+    swapped ablation loses to it, each with the 95% CI clear of 50%; arms that did not run are left out."""
     rows = []
     for arm, should_win in DIRECTION.items():
-        v = versus.get(f"{arm} vs {CONTROL_ARM}")
+        control = (controls or {}).get(arm, CONTROL_ARM)
+        v = versus.get(f"{arm} vs {control}")
         if v is None:
             continue
         ci = f"{_pct(v['judge_win_rate'])}, CI {_pct(v['ci_low'])} – {_pct(v['ci_high'])}"
         if should_win:
-            rows.append((f"{arm} beats {CONTROL_ARM} on the judge ({ci}; CI low > 50%)", v["ci_low"] > 0.5))
+            rows.append((f"{arm} beats {control} on the judge ({ci}; CI low > 50%)", v["ci_low"] > 0.5))
         else:
-            rows.append((f"{arm} loses to {CONTROL_ARM} on the judge ({ci}; CI high < 50%)", v["ci_high"] < 0.5))
+            rows.append((f"{arm} loses to {control} on the judge ({ci}; CI high < 50%)", v["ci_high"] < 0.5))
     return rows
 
 
@@ -137,7 +152,10 @@ def _checklist(items: list[tuple[str, bool]]) -> list[str]:
     return [f"- [{'x' if ok else ' '}] {text}" for text, ok in items] + [""]
 
 
-def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None, pool: dict | None = None, versus: dict | None = None) -> str:
+def summary_markdown(
+    accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None,
+    pool: dict | None = None, versus: dict | None = None, controls: dict[str, str] | None = None,
+) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
     labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
@@ -158,14 +176,15 @@ def summary_markdown(accuracy: dict[str, dict], models: dict[str, dict], report:
         lines += ["`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
     for name, v in (versus or {}).items():
         lines.append(f"- {name} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
-    if CONTROL_ARM in arms:
-        lines.append(f"- `{CONTROL_ARM}`: two images of each prompt drawn at random take the roles: what fine-tuning on the pool does without the reward's direction")
-    if versus or CONTROL_ARM in arms:
+    used = sorted(control_arms(arms, controls or {}))
+    if used:
+        lines.append(f"- {', '.join(f'`{c}`' for c in used)}: the same fine-tune with two images of each prompt drawn at random in the roles: what fine-tuning on the pool does without the reward's direction")
+    if versus or used:
         lines.append("")
-    for arm in arms[:1]:  # the targets are the paper's recipe's; the other arms are compared with it above
+    for arm in arms[:1]:  # the targets are the demo's method's (the first arm); the other arms are compared with it above
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + _checklist(checks(models[arm], accuracy))
-    direction = direction_checks(versus or {})
+    direction = direction_checks(versus or {}, controls)
     if direction:
         lines += ["## The reward's direction (against the control)", ""] + _checklist(direction)
     if stages:
@@ -181,7 +200,7 @@ def write_summary(demo) -> Path:
     accuracy = accuracy_rows(demo.output_dir("accuracy") / "accuracy.json")
     results = json.loads((evaluation / "results.json").read_text())
     models = model_rows(results)
-    arms = list(demo.cfg.arms)
+    arms, controls = list(demo.cfg.arms), dict(demo.cfg.controls)
     stages = stages_of_run(demo.state.done, arms)
     pool, pairs_cfg = None, demo.section_config("pairs")
     pool_scores = demo.output_dir("score") / "scores.parquet"
@@ -193,12 +212,14 @@ def write_summary(demo) -> Path:
     versus = {}
     if len(arms) > 1:
         eval_scores = pd.read_parquet(evaluation / "scores.parquet")
-        for reference, others in comparisons(arms):
+        for reference, others in comparisons(arms, controls):
             versus.update({f"{name} vs {reference}": row for name, row in arms_versus(eval_scores, reference, others).items()})
-    data = {"versus": versus, "accuracy": accuracy, "models": models, "targets": TARGETS, "checks": {arms[0]: dict(checks(models[arms[0]], accuracy)), "direction": dict(direction_checks(versus))}, "stages": stages, "pool": pool}
+    ran_controls = {arm: control for arm in arms if (control := control_of(arm, arms, controls))}
+    data = {"versus": versus, "controls": ran_controls, "accuracy": accuracy, "models": models, "targets": TARGETS,
+            "checks": {arms[0]: dict(checks(models[arms[0]], accuracy)), "direction": dict(direction_checks(versus, controls))}, "stages": stages, "pool": pool}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus))
+    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus, controls))
     return path
 
 
@@ -206,7 +227,7 @@ def taste_rows(taste: str, data: dict) -> list[dict]:
     """One row per arm of one taste's ``demo.json``: against the base and the control, the means."""
     rows = []
     for arm, m in data["models"].items():
-        control = data["versus"].get(f"{arm} vs {CONTROL_ARM}", {})
+        control = data["versus"].get(f"{arm} vs {data.get('controls', {}).get(arm, CONTROL_ARM)}", {})
         rows.append({"taste": taste, "arm": arm, "judge_win_rate": m["judge_win_rate"], "judge_ci_low": m["judge_ci_low"], "judge_ci_high": m["judge_ci_high"],
                      "vs_control": control.get("judge_win_rate"), "vs_control_ci_low": control.get("ci_low"), "vs_control_ci_high": control.get("ci_high"),
                      JUDGE: m[JUDGE], JUDGE + "_base": m[JUDGE + "_base"], REWARD: m[REWARD], REWARD + "_base": m[REWARD + "_base"],
@@ -220,8 +241,8 @@ def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bo
         return "" if low is None else f" ({_pct(low)} – {_pct(high)})"
 
     lines = ["# Demo world over tastes", "", "Judge win-rates are same-seed image pairs on held-out prompts (95% bootstrap CIs over prompts); "
-             f"`vs {CONTROL_ARM}` compares with the random-roles control (fine-tuning on the pool without the reward's direction).", "",
-             f"| taste | arm | vs base | vs {CONTROL_ARM} | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "`vs control` compares with the arm's random-roles control (the same fine-tune on the pool without the reward's direction).", "",
+             "| taste | arm | vs base | vs control | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         control = "" if r["vs_control"] is None else _pct(r["vs_control"]) + ci(r["vs_control_ci_low"], r["vs_control_ci_high"])
         lines.append(f"| {r['taste']} | {r['arm']} | {_pct(r['judge_win_rate'])}{ci(r['judge_ci_low'], r['judge_ci_high'])} | {control} "
@@ -248,4 +269,4 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     return path
 
 
-__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
+__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
