@@ -214,6 +214,9 @@ class _FakeStage:
         return type("Result", (), {"line": lambda _self: f"{self.command} ok"})()
 
 
+SFT_ONLY = "demo.arms=[sft]"  # one arm: one build-pairs and one finetune call per run
+
+
 def _fake_demo(out, monkeypatch, calls: list, *overrides: str) -> Demo:
     tiny = ["demo.community.prompts=3", "demo.community.users=12", "demo.community.influencers=2", "demo.pool_prompts=4",
             "demo.eval_prompts=2", "demo.regularization_images=2"]  # fmt: skip
@@ -235,24 +238,24 @@ def test_a_changed_setting_reruns_its_stage_and_everything_downstream_from_an_em
     everything = ["curate", "train-reward", "accuracy", "generate", "score", "build-pairs", "finetune", "evaluate"]
     calls: list = []
     out = tmp_path / "demo"
-    _fake_demo(out, monkeypatch, calls).run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY).run()
     assert [c for c, _, _ in calls] == everything and not any(existed for *_, existed in calls)
     calls.clear()
-    _fake_demo(out, monkeypatch, calls).run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY).run()
     assert calls == []
-    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7").run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY, "finetune.max_train_steps=7").run()
     assert calls == [("finetune", "finetune", False), ("evaluate", "eval", False)]  # stale outputs removed first
     calls.clear()
-    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3").run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY, "finetune.max_train_steps=7", "demo.pool_prompts=3").run()
     assert [c for c, _, _ in calls] == ["generate", "score", "build-pairs", "finetune", "evaluate"]
     assert len((out / "world" / "prompts" / "pool.txt").read_text().splitlines()) == 3  # the world's inputs rewritten
     calls.clear()
-    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
     assert [c for c, _, _ in calls] == ["curate", "train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
     calls.clear()
     clip = load_file(assets / "world_clip.safetensors")  # a new shipped world CLIP
     save_file({k: v + 1 if k == "logit_scale" else v for k, v in clip.items()}, assets / "world_clip.safetensors")
-    _fake_demo(out, monkeypatch, calls, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
+    _fake_demo(out, monkeypatch, calls, SFT_ONLY, "finetune.max_train_steps=7", "demo.pool_prompts=3", "curate.max_triplets_per_prompt=5").run()
     assert [c for c, _, _ in calls] == ["train-reward", "accuracy", "score", "build-pairs", "finetune", "evaluate"]
     written = load_file(out / "world" / "world_clip.safetensors")["logit_scale"].float()
     assert abs(written - (clip["logit_scale"].float() + 1)) < 0.01  # the new weights (fp16 when shipped)
@@ -314,7 +317,7 @@ def test_each_taste_runs_in_its_own_folder_and_shares_the_pool(tmp_path, monkeyp
         return self.out / "summary.md"
 
     monkeypatch.setattr(demo_module.Demo, "run", fake_run)
-    summary = demo_module.run_tastes(["large-centred", "small-off-centre"], overrides=[f"demo.out_dir={tmp_path}"])
+    summary = demo_module.run_tastes(["large-centred", "small-off-centre"], overrides=[f"demo.out_dir={tmp_path}"], arms=["sft"])
     # one pool, sampled by one model path: the pool refuses generations of another path
     model = str(tmp_path / "large-centred" / "world" / "model")
     assert ran == [("large-centred", tmp_path / "large-centred", str(tmp_path / "pool"), model), ("small-off-centre", tmp_path / "small-off-centre", str(tmp_path / "pool"), model)]
