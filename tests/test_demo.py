@@ -45,10 +45,20 @@ def test_demo_config_errors_name_the_key(tmp_path):
         DemoConfig(arms=["dpo"]).validate()
     with pytest.raises(ConfigError, match=r"demo.arm_presets.x: 'generate.steps=3' is not a pairs.KEY=VALUE"):
         DemoConfig(arm_presets={"sft": [], "x": ["generate.steps=3"]}).validate()
+    with pytest.raises(ConfigError, match=r"demo.arm_presets: a -> b -> a names itself"):
+        DemoConfig(arms=["a"], arm_presets={"a": ["b"], "b": ["a", "pairs.random_roles=true"]}).validate()
     with pytest.raises(ConfigError, match="overrides need their section"):
         Demo(None, ["out_dir=x"])
     with pytest.raises(ConfigError, match="demo config not found"):
         Demo(tmp_path / "none.yaml")
+
+
+def test_a_preset_that_names_another_stands_for_its_overrides(tmp_path):
+    cfg = DemoConfig(arms=["dpo-random"], arm_presets={"dpo": ["finetune.objective=dpo", "finetune.unet_lr=2.5e-5"], "dpo-random": ["dpo", "pairs.random_roles=true"]})
+    cfg.validate()
+    assert cfg.preset_overrides("dpo-random") == ["finetune.objective=dpo", "finetune.unet_lr=2.5e-5", "pairs.random_roles=true"]
+    shipped = Demo(None, [f"demo.out_dir={tmp_path}"])  # the shipped control: dpo's settings, then random roles
+    assert shipped.arm_overrides("dpo-random")[2:] == [*shipped.cfg.arm_presets["dpo"], "pairs.random_roles=true"]
 
 
 def test_quick_sizes_apply_first_and_user_overrides_win(tmp_path):

@@ -160,7 +160,7 @@ class Demo:
 
     def arm_overrides(self, arm: str) -> list[str]:
         root = self.arm_dir(arm)
-        return [f"pairs.output_dir={root / 'pairs'}", f"finetune.output_dir={root / 'finetune'}", *self.cfg.arm_presets[arm]]
+        return [f"pairs.output_dir={root / 'pairs'}", f"finetune.output_dir={root / 'finetune'}", *self.cfg.preset_overrides(arm)]
 
     def is_online(self, arm: str) -> bool:
         """Whether an arm fine-tunes with an online objective (no pairs: it samples from the model)."""

@@ -78,14 +78,19 @@ def arms_versus(scores: "pd.DataFrame", reference: str, others: list[str]) -> di
     return {r.model: {"versus": reference, "judge_win_rate": r.win_rate, "ci_low": r.ci_low, "ci_high": r.ci_high, "tie_rate": r.tie_rate, "pairs": r.n} for r in rows.itertuples()}
 
 
+def named_control(arm: str, controls: dict[str, str] | None) -> str:
+    """The control ``controls`` (demo.controls) names for ``arm``, else the random-roles ``random``."""
+    return (controls or {}).get(arm, CONTROL_ARM)
+
+
 def control_arms(arms: list[str], controls: dict[str, str]) -> set[str]:
     """The arms that ran as another arm's control (``controls``, else the random-roles ``random``)."""
-    return {c for a in arms if (c := controls.get(a, CONTROL_ARM)) in arms and c != a}
+    return {c for a in arms if (c := named_control(a, controls)) in arms and c != a}
 
 
 def control_of(arm: str, arms: list[str], controls: dict[str, str]) -> str | None:
     """The control ``arm`` is compared with for the reward's direction, when it ran (a control has none)."""
-    control = controls.get(arm, CONTROL_ARM)
+    control = named_control(arm, controls)
     return control if control in arms and control != arm and arm not in control_arms(arms, controls) else None
 
 
@@ -120,7 +125,7 @@ def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = 
     swapped ablation loses to it, each with the 95% CI clear of 50%; arms that did not run are left out."""
     rows = []
     for arm, should_win in DIRECTION.items():
-        control = (controls or {}).get(arm, CONTROL_ARM)
+        control = named_control(arm, controls)
         v = versus.get(f"{arm} vs {control}")
         if v is None:
             continue
@@ -227,7 +232,7 @@ def taste_rows(taste: str, data: dict) -> list[dict]:
     """One row per arm of one taste's ``demo.json``: against the base and the control, the means."""
     rows = []
     for arm, m in data["models"].items():
-        control = data["versus"].get(f"{arm} vs {data.get('controls', {}).get(arm, CONTROL_ARM)}", {})
+        control = data["versus"].get(f"{arm} vs {named_control(arm, data.get('controls'))}", {})
         rows.append({"taste": taste, "arm": arm, "judge_win_rate": m["judge_win_rate"], "judge_ci_low": m["judge_ci_low"], "judge_ci_high": m["judge_ci_high"],
                      "vs_control": control.get("judge_win_rate"), "vs_control_ci_low": control.get("ci_low"), "vs_control_ci_high": control.get("ci_high"),
                      JUDGE: m[JUDGE], JUDGE + "_base": m[JUDGE + "_base"], REWARD: m[REWARD], REWARD + "_base": m[REWARD + "_base"],
@@ -269,4 +274,4 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     return path
 
 
-__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
+__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "named_control", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
