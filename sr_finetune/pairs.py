@@ -80,7 +80,7 @@ class PairsConfig:
     # with negative_token "Weird image. " (their prefix carries its own trailing space).
     rejected_format: str = "{token} {prompt}"
     include_rejected: bool = True
-    keep_pairs: bool = False  # also write output_dir/pairs: one chosen/rejected pair per prompt
+    keep_pairs: bool = False  # also write output_dir/pairs: the chosen/rejected pairs (pairwise objectives)
     # Ablation: the worst image of a prompt becomes "chosen" and the best "rejected" (a sanity
     # check of the whole loop: a model tuned on swapped pairs should move against the reward).
     swap_chosen_rejected: bool = False
@@ -88,6 +88,9 @@ class PairsConfig:
     # so a fine-tune on them shows what tuning on the pool does without the reward's direction.
     random_roles: bool = False
     min_images_per_prompt: int = 2
+    # Pairs per prompt: the i-th best image against the i-th worst, i < pairs_per_prompt (at most
+    # half the prompt's images, so no image takes both roles). 1 = the paper: best against worst.
+    pairs_per_prompt: int = 1
     # HPS v1 confidence filter (None = off; HPS v1 used 2): keep the best image only if its
     # softmax(scores / T) probability within its prompt is > k/N, the worst only if its
     # softmax(-scores / T) probability is > k/N (N = valid images of the prompt).
@@ -119,6 +122,7 @@ class PairsConfig:
     def validate(self) -> None:
         require(bool(self.reward_column), "reward_column", "must name a scores column")
         require(self.min_images_per_prompt >= 2, "min_images_per_prompt", f"must be >= 2 (chosen and rejected are different images), got {self.min_images_per_prompt}")
+        require(self.pairs_per_prompt >= 1, "pairs_per_prompt", f"must be >= 1, got {self.pairs_per_prompt}")
         require(self.confidence_k is None or self.confidence_k > 0, "confidence_k", f"must be positive or null, got {self.confidence_k}")
         require(not (self.random_roles and self.swap_chosen_rejected), "random_roles", "and swap_chosen_rejected are two ablations; set one")
         require(not (self.random_roles and self.confidence_k is not None), "random_roles", "ignores the scores, so the confidence filter (confidence_k) cannot apply; set confidence_k: null")
@@ -156,7 +160,8 @@ def _require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:
 
 
 def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfig, check_files: Optional[bool] = None, sources: tuple[str, str] = ("manifest", "scores")) -> tuple[pd.DataFrame, dict[str, int]]:
-    """One row per usable prompt: its best and worst valid image, with confidence flags; plus skip counts.
+    """One row per pair: a usable prompt's best and worst valid image (with ``pairs_per_prompt`` > 1
+    also its second best and second worst, ...), with confidence flags; plus skip counts.
 
     Images rank by score (high first), ties by ``image_id`` (smaller first): chosen is the first
     image of that order, rejected the last, so they always differ. With ``random_roles`` they rank
@@ -226,21 +231,30 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(group)][: len(starts)] - 1
     n = (ends - starts + 1).astype(np.int64)
-    best, worst = values[starts], values[ends]
-    keep_best = np.ones(len(starts), dtype=bool)
-    keep_worst = np.ones(len(starts), dtype=bool)
-    p_best = p_worst = np.full(len(starts), np.nan)
+    # pair j of a prompt: its j-th best image against its j-th worst (j < pairs_per_prompt, < n // 2)
+    per_group = np.minimum(cfg.pairs_per_prompt, n // 2)
+    owner = np.repeat(np.arange(len(starts)), per_group)
+    rank = np.arange(len(owner)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
+    chosen_at, rejected_at = starts[owner] + rank, ends[owner] - rank
+    best, worst = values[chosen_at], values[rejected_at]
+    keep_best = np.ones(len(owner), dtype=bool)
+    keep_worst = np.ones(len(owner), dtype=bool)
+    p_best = p_worst = np.full(len(owner), np.nan)
     if cfg.confidence_k is not None and len(starts):
-        # softmax probability of the top (bottom) image = 1 / sum_i exp(±(s_i - s_top) / T); exponents <= 0, no overflow
+        # softmax probability of an image within its prompt = exp(±(s - s_top) / T) / sum_i exp(±(s_i - s_top) / T);
+        # exponents <= 0, no overflow
         t = cfg.confidence_temperature
-        p_best = 1.0 / np.add.reduceat(np.exp((values - np.repeat(best, n)) / t), starts)
-        p_worst = 1.0 / np.add.reduceat(np.exp((np.repeat(worst, n) - values) / t), starts)
-        keep_best = p_best > cfg.confidence_k / n
-        keep_worst = p_worst > cfg.confidence_k / n
+        top, bottom = values[starts], values[ends]
+        p_top = 1.0 / np.add.reduceat(np.exp((values - np.repeat(top, n)) / t), starts)
+        p_bottom = 1.0 / np.add.reduceat(np.exp((np.repeat(bottom, n) - values) / t), starts)
+        p_best = p_top[owner] * np.exp((best - top[owner]) / t)
+        p_worst = p_bottom[owner] * np.exp((bottom[owner] - worst) / t)
+        keep_best = p_best > cfg.confidence_k / n[owner]
+        keep_worst = p_worst > cfg.confidence_k / n[owner]
         skipped["chosen_low_confidence"] = int((~keep_best).sum())
         skipped["rejected_low_confidence"] = int((~keep_worst).sum())
 
-    chosen_pos, rejected_pos = pa.array(pos[starts]), pa.array(pos[ends])
+    chosen_pos, rejected_pos = pa.array(pos[chosen_at]), pa.array(pos[rejected_at])
     prompts = _arrow(manifest["prompt"])
 
     def take(column, rows):  # only the picked rows become Python objects
@@ -248,9 +262,9 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
 
     per_prompt = pd.DataFrame(
         {
-            "prompt_id": take(prompt_ids, pa.array(group[starts])),
+            "prompt_id": take(prompt_ids, pa.array(group[starts][owner])),
             "prompt": take(prompts, chosen_pos),
-            "n_images": n,
+            "n_images": n[owner],
             "chosen_image_id": take(manifest_ids, chosen_pos),
             "chosen_path": take(paths, chosen_pos),
             "chosen_score": best,

@@ -72,6 +72,28 @@ def test_ties_are_broken_by_image_id_and_chosen_differs_from_rejected():
     assert got == {("a", "chosen"): "a_1", ("a", "rejected"): "a_4", ("flat", "chosen"): "flat_0", ("flat", "rejected"): "flat_2"}
 
 
+def test_pairs_per_prompt_matches_the_i_th_best_with_the_i_th_worst_and_never_reuses_an_image():
+    manifest, scores = manifest_and_scores({"a": [3.0, 5.0, 1.0, 4.0, 2.0], "b": [1.0, 0.0]})
+    pairs, _ = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=3), check_files=False)
+    got = [(r.prompt_id, r.role, r.image_id) for r in pairs.itertuples()]
+    # a: 5 images -> 2 pairs (5 vs 1, 4 vs 2; the median image 3 takes no role); b: 2 images -> 1 pair
+    assert got == [("a", "chosen", "a_1"), ("a", "rejected", "a_2"), ("a", "chosen", "a_3"), ("a", "rejected", "a_4"), ("b", "chosen", "b_0"), ("b", "rejected", "b_1")]
+    one, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
+    assert list(one.image_id) == ["a_1", "a_2", "b_0", "b_1"]
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        PairsConfig(pairs_per_prompt=0).validate()
+
+
+def test_confidence_of_a_second_pair_is_its_own_softmax_probability():
+    # [3, 2, 1, 0], k = 1, N = 4: p(2) = e^2 / (e^3 + e^2 + e^1 + 1) = 0.237 < 1/4 -> the second chosen is dropped;
+    # p_worst of 1 under softmax(-s) = e^-1 / (e^-3 + e^-2 + e^-1 + 1) = 0.237 -> the second rejected is dropped too.
+    assert math.exp(2) / (math.exp(3) + math.exp(2) + math.e + 1) == pytest.approx(0.2369, abs=1e-4)
+    manifest, scores = manifest_and_scores({"p": [3.0, 2.0, 1.0, 0.0]})
+    pairs, skipped = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=2, confidence_k=1), check_files=False)
+    assert list(zip(pairs.role, pairs.image_id)) == [("chosen", "p_0"), ("rejected", "p_3")]
+    assert skipped["chosen_low_confidence"] == 1 and skipped["rejected_low_confidence"] == 1
+
+
 def test_swap_chosen_rejected_trains_the_worst_image_as_chosen_and_tags_the_best():
     manifest, scores = manifest_and_scores({"a": [0.5, 2.0, -1.0, 1.0], "b": [3.0, 4.0]})
     pairs, _ = select_pairs(manifest, scores, PairsConfig(swap_chosen_rejected=True), check_files=False)

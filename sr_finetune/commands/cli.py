@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="default: recipes/configs/demo.yaml")
     demo.add_argument("--out", help="output folder (demo.out_dir; default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (the config's demo.quick overrides)")
-    demo.add_argument("--arms", help="comma-separated arm presets to fine-tune and compare (default: demo.arms, i.e. sft)")
+    demo.add_argument("--arms", help="comma-separated arm presets to fine-tune and compare (default: demo.arms of the config)")
     demo.add_argument("--tastes", help="comma-separated community tastes: the demo once per taste in OUT/<taste>, one table in OUT/tastes.md")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. finetune.max_train_steps=100")
     demo.set_defaults(func=_run_demo)
