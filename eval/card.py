@@ -170,7 +170,8 @@ def evaluation_markdown(ev: Evaluation, grids: list[str]) -> str:
     """The card's Evaluation section: setup, win-rate tables, mean table, plots and image grids."""
     cfg, model, base = ev.cfg, ev.model, ev.cfg.baseline_name
     spec = cfg.finetuned[model]
-    sampled = f"with the negative prompt `{spec.negative_prompt}`" if spec.negative_prompt else "without a negative prompt"
+    negative = spec.sampling_negative_prompt()
+    sampled = f"with the negative prompt `{negative}`" if negative else "without a negative prompt"
     sets = ", ".join(f"{name} ({cfg.prompt_sets[name].prompts}, {plural(int(ev.scores.loc[(ev.scores.prompt_set == name) & (ev.scores.model == base), 'prompt_id'].nunique()), 'prompt')})" for name in cfg.prompt_sets)
     notes = "\n".join(f"> **Note.** {n}\n" for n in caveats(cfg, ev.scores, ev.means))
     files = ", ".join(f"[{name}]({REPO_DIR}/{name})" for name in COPIED[1:4] if (ev.root / name).is_file())

@@ -13,6 +13,7 @@ from sr_finetune.errors import ConfigError
 from sr_finetune.generation import GenerateConfig
 
 NEGATIVE_TOKEN = "t@y quality"  # the Social Reward token the fine-tuned models learned as "bad"
+AUTO = "auto"  # a fine-tuned model's negative prompt: what its fine-tune recorded (FinetunedSpec)
 SIX_METRICS = ["social_reward", "clip", "aesthetic", "hpsv2", "imagereward", "pickscore"]
 UNITS = ("image", "prompt")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,17 +47,31 @@ class ModelSpec:
         """Whether this model generates its images here (a pipeline) rather than bringing them."""
         return bool(self.path)
 
+    def sampling_negative_prompt(self) -> Optional[str]:
+        """The negative prompt this model is sampled with (None: none)."""
+        return self.negative_prompt or None
+
     def describe(self) -> str:
         if self.generated:
-            return f"{self.path} (negative prompt: {self.negative_prompt or 'none'!r})"
+            return f"{self.path} (negative prompt: {self.sampling_negative_prompt() or 'none'!r})"
         return f"existing images {self.images}, matched by prompt {'id' if self.prompt_id_column else 'text'} and image index"
 
 
 @dataclass
 class FinetunedSpec(ModelSpec):
-    """A fine-tuned model: sampled with the negative token as negative prompt unless set otherwise."""
+    """A fine-tuned model. ``negative_prompt: auto`` (the default) samples it with the negative prompt
+    its fine-tune recorded (``sampling.json`` in the folder: the token for sft with tagged rejected
+    rows, none for dpo and the online objectives, which never saw the token); a folder without that
+    record (another tool's model, a hub id) gets the Social Reward token. Any other value is used as is."""
 
-    negative_prompt: Optional[str] = NEGATIVE_TOKEN
+    negative_prompt: Optional[str] = AUTO
+
+    def sampling_negative_prompt(self) -> Optional[str]:
+        if self.negative_prompt != AUTO:
+            return self.negative_prompt or None
+        from sr_finetune.training.export import recorded_negative_prompt
+
+        return recorded_negative_prompt(self.path, default=NEGATIVE_TOKEN) if self.path else None
 
 
 @dataclass
@@ -162,7 +177,7 @@ class EvaluateConfig:
             prompt_column=prompts.prompt_column, id_column=prompts.id_column, split=prompts.split, max_prompts=prompts.max_prompts,
             output_dir=self.generations_dir(model, prompt_set), images_per_prompt=self.images_per_prompt, seed=self.seed,
             scheduler=self.scheduler, steps=self.steps, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
-            negative_prompt=spec.negative_prompt or None, batch_size=self.batch_size, prompts_per_shard=self.prompts_per_shard,
+            negative_prompt=spec.sampling_negative_prompt(), batch_size=self.batch_size, prompts_per_shard=self.prompts_per_shard,
             dtype=self.dtype, device=self.device, attention=self.attention, image_format=self.image_format, model_name=model,
         )
 

@@ -249,6 +249,7 @@ def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, d
         assert any(not torch.equal(trained[k], v) for k, v in base.items())
     card = (out / "README.md").read_text()
     assert "Diffusion-DPO" in card and "| pairs | 4 |" in card and "| dpo_beta | 500.0 |" in card
+    assert json.loads((out / "sampling.json").read_text()) == {"negative_prompt": None}  # dpo never saw the token: sampled without it
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a cat", num_inference_steps=1, height=32, width=32).images[0].size == (32, 32)

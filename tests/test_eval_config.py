@@ -1,11 +1,13 @@
 """The evaluate section: defaults, overrides of models and prompt sets, one-line errors."""
 
+import json
+
 import pytest
 import yaml
 
 from eval.config import EvaluateConfig, FinetunedSpec, ModelSpec
 from sr_finetune.config import load_config
-from sr_finetune.errors import ConfigError
+from sr_finetune.errors import ConfigError, UserError
 from sr_finetune.commands.experiment import ExperimentConfig
 
 SOCIAL_REWARD = ["weights.social_reward=sr.pt"]
@@ -18,7 +20,8 @@ def evaluate(*overrides, weights=SOCIAL_REWARD):
 def test_models_and_prompt_sets_come_from_overrides_with_paper_defaults():
     cfg = evaluate("finetuned.ft.path=runs/ft", "baseline.path=runs/base", "prompt_sets.general.prompts=parti", "prompt_sets.internal.prompts=held_out.txt")
     assert list(cfg.models()) == ["baseline", "ft"]
-    assert cfg.finetuned["ft"].negative_prompt == "t@y quality" and cfg.baseline.negative_prompt is None
+    assert cfg.finetuned["ft"].negative_prompt == "auto" and cfg.baseline.negative_prompt is None
+    assert cfg.finetuned["ft"].sampling_negative_prompt() == "t@y quality"  # no sampling record in runs/ft: the Social Reward token
     assert (cfg.scheduler, cfg.steps, cfg.images_per_prompt) == ("ddim", 30, 4)
     assert len(cfg.metrics) == 6
 
@@ -27,6 +30,20 @@ def test_negative_prompt_is_configurable_per_model():
     cfg = evaluate("finetuned.a.path=x", "finetuned.b.path=y", "finetuned.b.negative_prompt=null", "finetuned.c.path=z", "finetuned.c.negative_prompt=blurry", "prompt_sets.g.prompts=parti")
     negatives = {name: cfg.generate_config(name, spec, "g").negative_prompt for name, spec in cfg.models().items()}
     assert negatives == {"baseline": None, "a": "t@y quality", "b": None, "c": "blurry"}
+
+
+def test_auto_negative_prompt_follows_the_record_the_fine_tune_left(tmp_path):
+    for name, record in (("sft", {"negative_prompt": "t@y quality"}), ("dpo", {"negative_prompt": None})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sampling.json").write_text(json.dumps(record))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sampling.json").write_text("[1]")
+    cfg = evaluate(*(f"finetuned.{n}.path={tmp_path / n}" for n in ("sft", "dpo", "other")), f"finetuned.forced.path={tmp_path / 'dpo'}", "finetuned.forced.negative_prompt=blurry", "prompt_sets.g.prompts=parti")
+    negatives = {name: cfg.generate_config(name, spec, "g").negative_prompt for name, spec in cfg.models().items()}
+    assert negatives == {"baseline": None, "sft": "t@y quality", "dpo": None, "other": "t@y quality", "forced": "blurry"}
+    with pytest.raises(UserError, match=r"broken/sampling.json: not a sampling record"):
+        FinetunedSpec(path=str(tmp_path / "broken")).sampling_negative_prompt()
 
 
 def test_every_model_gets_the_same_seed_and_sampling_settings():

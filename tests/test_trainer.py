@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import sys
 from pathlib import Path
 
@@ -76,6 +78,7 @@ def test_saved_pipeline_loads_generates_and_has_trained_unet_and_text_encoder(ti
     card = (out / "README.md").read_text()
     assert "base_model:" not in card and f"a local model folder, `{tiny_sd}`" in card and f'negative_prompt="{NEG}"' in card
     assert "| chosen | 4 |" in card and "| regularization | 2 |" in card and "| unet_lr | 0.001 |" in card
+    assert json.loads((out / "sampling.json").read_text()) == {"negative_prompt": NEG}  # sft trained the token: evaluate samples with it
     assert load_config(FinetuneConfig, out / "config.yaml").max_train_steps == 2  # resolved config round-trips
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +105,11 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         usage = 'image = pipe("a photo of a red fox in the snow").images[0]'
     elif cfg.objective == "dpo":
         regularization = f", plus {cfg.dpo_sft_weight} x the denoising loss on a regularisation set" if cfg.dpo_sft_weight else ""
-        method = (f"by Diffusion-DPO (Wallace et al. 2023, beta {cfg.dpo_beta:g}) on one pair per prompt,\n"
-                  f"the best- against the worst-rated image, with the base model as reference{regularization}. Trained: {trained}.")
+        per_prompt = int((pairs_summary or {}).get("config", {}).get("pairs_per_prompt", 1))
+        pairing = ("one pair per prompt,\nthe best- against the worst-rated image" if per_prompt == 1
+                   else f"up to {per_prompt} pairs per prompt,\nthe i-th best- against the i-th worst-rated image")
+        method = (f"by Diffusion-DPO (Wallace et al. 2023, beta {cfg.dpo_beta:g}) on {pairing}, "
+                  f"with the base model as reference{regularization}. Trained: {trained}.")
         usage = 'image = pipe("a photo of a red fox in the snow").images[0]'
     else:
         method = (f"after *Social Reward* (Isajanyan et al., ICLR 2024):\nthe best-rated image of each prompt is trained on with its prompt as caption,\n"
@@ -162,6 +168,32 @@ def online_method(cfg) -> str:
         what = (f"by group policy gradient (DDPO with per-prompt group-normalised advantages over {o.group_size} images per prompt, "
                 f"PPO clip {o.clip_range:g}, {o.inner_epochs} inner epochs) on the {reward} reward")
     return f"{what}, sampling with guidance {o.guidance_scale:g} and eta {o.eta:g}{anchor}"
+
+
+SAMPLING_RECORD = "sampling.json"  # how the saved pipeline is meant to be sampled (read by `evaluate`)
+
+
+def trained_negative_prompt(cfg, counts: dict[str, int]) -> str | None:
+    """The negative prompt a fine-tune taught its model: the token when sft trained tagged rejected rows, else none."""
+    return cfg.negative_token if cfg.objective == "sft" and counts.get("rejected", 0) > 0 else None
+
+
+def write_sampling_record(output_dir: Path, negative_prompt: str | None) -> Path:
+    path = Path(output_dir) / SAMPLING_RECORD
+    path.write_text(json.dumps({"negative_prompt": negative_prompt}, indent=2) + "\n")
+    return path
+
+
+def recorded_negative_prompt(model: str | os.PathLike, default: str | None) -> str | None:
+    """The negative prompt recorded in a saved fine-tune's folder; ``default`` where there is no record."""
+    path = Path(model) / SAMPLING_RECORD
+    if not path.is_file():
+        return default
+    try:
+        record = json.loads(path.read_text())
+        return record["negative_prompt"] or None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a sampling record ({exc!r}); expected {{\"negative_prompt\": <text or null>}}") from None
 
 
 def write_model_card(output_dir: Path, text: str) -> Path:

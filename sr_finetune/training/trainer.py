@@ -62,7 +62,7 @@ from ..progress import quiet_library_bars
 from .checkpoint import TrainingProgress, resume_training_state, save_checkpoint
 from .config import ONLINE_OBJECTIVES, FinetuneConfig
 from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negative_token, collate, derive_seed, encode_texts, load_finetune_table, role_counts
-from .export import model_card_text, read_pairs_summary, save_pipeline, write_model_card
+from .export import model_card_text, read_pairs_summary, save_pipeline, trained_negative_prompt, write_model_card, write_sampling_record
 from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
 from .online import OBJECTIVE_STEPS, OnlineRun, RewardLoader, images_per_step, load_online_reward
 from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
@@ -624,6 +624,7 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         save_pipeline(cfg, output_dir, unet=final_unet, text_encoder=accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None)
         card_counts = {**counts, "images sampled": progress.images_sampled} if online else counts
         write_model_card(output_dir, model_card_text(cfg, card_counts, progress.global_step, prediction_type, read_pairs_summary(cfg.dataset)))
+        write_sampling_record(output_dir, trained_negative_prompt(cfg, counts))
         if cfg.push_to_hub:
             try:
                 hub_url = push_folder(output_dir, cfg.hub_model_id, private=cfg.hub_private)
