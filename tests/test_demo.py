@@ -69,6 +69,10 @@ def test_quick_sizes_apply_first_and_user_overrides_win(tmp_path):
     entries = Demo(None, [f"demo.out_dir={tmp_path}", "demo.without_negative_token=true"], quick=True).evaluate_overrides()
     assert f"evaluate.finetuned.sft-no-neg.path={tmp_path / 'arms' / 'sft' / 'finetune'}" in entries
     assert "evaluate.finetuned.sft-no-neg.negative_prompt=null" in entries
+    (tmp_path / "arms" / "dpo" / "finetune").mkdir(parents=True)
+    (tmp_path / "arms" / "dpo" / "finetune" / "sampling.json").write_text('{"negative_prompt": null}')
+    entries = Demo(None, [f"demo.out_dir={tmp_path}", "demo.without_negative_token=true"], arms=["dpo"]).evaluate_overrides()
+    assert entries == [f"evaluate.finetuned.dpo.path={tmp_path / 'arms' / 'dpo' / 'finetune'}"]  # sampled without a negative prompt already
 
 
 def _results(judge_win: float, ci_low: float, reward: tuple[float, float], fid: tuple[float, float]) -> dict:

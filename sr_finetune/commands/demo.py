@@ -169,12 +169,15 @@ class Demo:
         return self.section_config("finetune", self.arm_overrides(arm)).objective in ONLINE_OBJECTIVES
 
     def evaluate_overrides(self) -> list[str]:
-        """Each arm as a fine-tuned model (with the negative prompt, and without it when asked)."""
+        """Each arm as a fine-tuned model, sampled with the negative prompt its fine-tune recorded; with
+        ``without_negative_token`` an arm sampled with one is also evaluated without it (``<arm>-no-neg``)."""
+        from eval.config import FinetunedSpec
+
         entries = []
         for arm in self.cfg.arms:
             path = self.arm_dir(arm) / "finetune"
             entries.append(f"evaluate.finetuned.{arm}.path={path}")
-            if self.cfg.without_negative_token:
+            if self.cfg.without_negative_token and FinetunedSpec(path=str(path)).sampling_negative_prompt():
                 entries += [f"evaluate.finetuned.{arm}-no-neg.path={path}", f"evaluate.finetuned.{arm}-no-neg.negative_prompt=null"]
         return entries
 
