@@ -191,8 +191,7 @@ def plan_memory(cfg: FinetuneConfig) -> MemoryPlan:
     if cfg.use_ema:
         items["EMA (fp32 copy of the trained parameters)"] = n_trained * 4
     notes = []
-    anchored = cfg.objective == "dpo" or (cfg.objective in ONLINE_OBJECTIVES and cfg.online.kl_weight > 0)
-    if anchored:
+    if cfg.anchored:
         reference = (totals["unet"] if cfg.train_unet and not cfg.lora.rank else 0) + (totals["text_encoder"] if cfg.train_text_encoder else 0)
         items["reference copy (frozen starting model)"] = reference * half
         if cfg.lora.rank:
@@ -217,7 +216,7 @@ def _activation_items(cfg: FinetuneConfig, models: dict, notes: list[str]) -> di
         notes.append("dpo: the regularization rows added to the UNet forward (dpo_sft_weight > 0) are not counted")
     if cfg.lora.rank:
         notes.append("LoRA: activations traced as for a full UNet fine-tune (an upper bound)")
-    side = cfg.resolution // 8  # the VAE's latent
+    side = cfg.resolution // 2 ** (len(models["vae"].config.block_out_channels) - 1)  # the VAE's latent (SD: 1/8)
     items = {}
     with fused_attention() if cfg.attention != "eager" else nullcontext(), _quiet_casts():
         items.update(_traced_activations(cfg, models, rows, side, dtype))
