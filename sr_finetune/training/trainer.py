@@ -475,9 +475,9 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         check_negative_token(table, cfg.negative_token)
 
     # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
-    models = prepare_models(cfg, device)
-    unet, vae, text_encoder, tokenizer, noise_scheduler = models.unet, models.vae, models.text_encoder, models.tokenizer, models.noise_scheduler
-    prediction_type, weight_dtype, unet_dtype = models.prediction_type, models.weight_dtype, models.unet_dtype
+    loaded = prepare_models(cfg, device)
+    unet, vae, text_encoder, tokenizer, noise_scheduler = loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, loaded.noise_scheduler
+    prediction_type, weight_dtype, unet_dtype = loaded.prediction_type, loaded.weight_dtype, loaded.unet_dtype
 
     # --- data
     if online:
@@ -510,7 +510,7 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         ema.to(device)
     reference = None
     if cfg.anchored:
-        reference = models.reference(accelerator.unwrap_model(unet))
+        reference = loaded.reference(accelerator.unwrap_model(unet))
     progress = TrainingProgress(data_layout=layout)
     accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
 
