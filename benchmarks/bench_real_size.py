@@ -7,8 +7,8 @@ random-weight pipeline folder is written by ``sr-finetune real-size-model`` (or 
 - generation: one image at the native size, 2 DDIM steps, without guidance (scale 1) and with
   (scale 7.5), through ``load_pipeline`` and ``generate_images``, as ``sr-finetune generate`` runs;
 - fine-tuning: batch 1, native size, gradient checkpointing, for the UNet, UNet + text encoder,
-  LoRA rank 4 on the UNet (alone; with the text encoder trained in full) and ``objective=dpo`` on
-  the UNet with its frozen reference copy; AdamW in fp32 and under each ``--precisions`` autocast
+  LoRA rank 4 on the UNet (alone; with the text encoder trained in full), ``objective=dpo`` on
+  the UNet with its frozen reference copy, and dpo with LoRA (the reference: adapters off, no copy); AdamW in fp32 and under each ``--precisions`` autocast
   (bf16 where torch supports it on the device; fp16 with gradient scaling on a GPU); 8-bit AdamW
   for UNet + text encoder where the installed bitsandbytes supports the device, else one skip line.
   The steps are the trainer's (``sr_finetune.training.measured_step``: ``prepare_models``,
@@ -52,6 +52,7 @@ TRAINING = {  # name -> FinetuneConfig settings
     "lora-unet": {"train_text_encoder": False, "lora": LORA},
     "lora-unet+te": {"train_text_encoder": True, "lora": LORA},
     "dpo-unet": {"train_text_encoder": False, "objective": "dpo"},
+    "dpo-lora-unet": {"train_text_encoder": False, "objective": "dpo", "lora": LORA},  # the reference is the UNet with its adapters off
 }
 EIGHT_BIT = ("unet+te",)  # configurations also run with optimizer=adamw8bit
 GUIDANCE = {"generate": 1.0, "generate-cfg": 7.5}  # name -> guidance scale (1: no classifier-free guidance)
@@ -224,15 +225,15 @@ class Bench:
             row.measured = result["peak_bytes"]
         return result
 
-    def generate(self, variant: str, model: Path, name: str) -> None:
+    def generate(self, variant: str, model: Path, name: str, skip: str | None = None) -> None:
         from sr_finetune.training.measured_step import run_child
 
         dtype = "fp32" if self.kind == "cpu" else "fp16"
         row = Row(variant, name, precision=dtype)
         weights = weight_bytes(model, 4 if dtype == "fp32" else 2)
         row.extra["weights"] = weights
-        if self.args.dry_run:
-            row.note = f"dry run (weights {weights / GIB:.2f} GiB)"
+        if skip or self.args.dry_run:
+            row.note = f"{skip or 'dry run'} (weights {weights / GIB:.2f} GiB)"
         elif self.fits(row, 2 * weights):  # the weights and, while they load, their file pages
             spec = dict(model=str(model), size=NATIVE[variant], guidance=GUIDANCE[name], dtype=dtype, device=self.kind, attention=self.args.attention)
             result_path = self.work / f"{variant}-{name}.json"
@@ -243,13 +244,13 @@ class Bench:
                 row.note = f"{result['image_size'][0]} px, guidance {GUIDANCE[name]:g}, weights {weights / GIB:.2f} GiB"
         self.record(row)
 
-    def train(self, variant: str, model: Path, name: str, precision: str, optimizer: str) -> None:
+    def train(self, variant: str, model: Path, name: str, precision: str, optimizer: str, skip: str | None = None) -> None:
         from sr_finetune.training.measured_step import measure
 
         spec = training_spec(model, variant, TRAINING[name], precision, optimizer, self.kind, self.args.attention)
-        row = Row(variant, name, precision={"no": "fp32"}.get(precision, precision), optimizer=optimizer, predicted=plan_peak(spec))
-        if self.args.dry_run:
-            row.note = "dry run"
+        row = Row(variant, name, precision=label(precision), optimizer=optimizer, predicted=plan_peak(spec))
+        if skip or self.args.dry_run:
+            row.note = skip or "dry run"
         elif self.fits(row, row.predicted):
             tag = f"{variant}-{name}-{precision}-{optimizer}"
             result = self.finish(row, measure(spec, self.args.steps, self.work, self.env(), tag=tag))
@@ -266,6 +267,11 @@ class Bench:
         return {"CUDA_VISIBLE_DEVICES": ""} if self.kind == "cpu" else {}
 
     failed = False
+
+
+def label(precision: str) -> str:
+    """A mixed_precision setting as the table shows it."""
+    return {"no": "fp32"}.get(precision, precision)
 
 
 def _finite(x: float) -> bool:
@@ -289,6 +295,29 @@ def markdown(rows: list[Row], header: list[str]) -> str:
             f"| {r.variant} | {r.name} | {r.precision} | {r.optimizer} | {'' if r.seconds is None else f'{r.seconds:.2f}'} | {gib(r.measured)} | {gib(r.predicted)} | "
             f"{'' if r.ratio() is None else f'{r.ratio():.3f}'} | {'' if r.loss is None else f'{r.loss:.4f}'} | {r.note} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def fit_table() -> str:
+    """The plan for every configuration at batch 1 with checkpointing: predicted peak and the smallest card it fits (README "Will it fit?")."""
+    from sr_finetune.real_size import VARIANTS
+    from sr_finetune.training.measured_step import config_from_spec
+    from sr_finetune.training.memory_plan import CARDS_GB, plan_memory
+
+    columns = [(variant, precision) for variant in NATIVE for precision in ("no", "bf16")]
+    names = {"no": "fp32", "bf16": "bf16 mixed"}
+    lines = [
+        "| configuration | optimizer | " + " | ".join(f"{v} ({NATIVE[v]} px), {names[p]}" for v, p in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for name in TRAINING:
+        for optimizer in ("adamw", "adamw8bit"):
+            cells = []
+            for variant, precision in columns:
+                plan = plan_memory(config_from_spec(training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa")))
+                card = next((f"{gb} GB" for gb, ok in plan.fits().items() if ok), f"> {CARDS_GB[-1]} GB")
+                cells.append(f"{plan.peak / GIB:.1f} GiB: {card}")
+            lines.append(f"| {name} | {optimizer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,6 +350,7 @@ def main() -> None:
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory left free: a configuration whose prediction leaves less is not started")
     parser.add_argument("--budget-s", type=float, help="start no configuration after this many seconds (the rest get 'not run' rows)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--fit-table", action="store_true", help="print the plan's peak and smallest fitting card (24/40/80 GB) of every configuration; start nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the plan of every configuration; start nothing")
     parser.add_argument("--child", choices=["generate"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -328,6 +358,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child_generate(json.loads(args.spec), args.result)
+    if args.fit_table:
+        return print(fit_table())
 
     import torch
 
@@ -355,17 +387,16 @@ def main() -> None:
         made = {}
         started = time.monotonic()
         for variant, what, name, precision, optimizer in plan_of_runs(args, kind):
-            if args.budget_s and time.monotonic() - started > args.budget_s:
-                bench.record(Row(variant, name, precision={"no": "fp32", None: ""}.get(precision, precision), optimizer=optimizer or "", note=f"not run: --budget-s {args.budget_s:.0f} spent"))
-                continue
-            if variant not in made:  # a dry run plans from the shipped configs of the hub id
-                made[variant] = Path(VARIANTS[variant]) if args.dry_run else ensure_model(models, variant)
+            spent = args.budget_s and time.monotonic() - started > args.budget_s
+            skip = f"not run: --budget-s {args.budget_s:.0f} spent" if spent else None
+            if variant not in made:  # without running, the plan comes from the shipped configs of the hub id
+                made[variant] = Path(VARIANTS[variant]) if args.dry_run or spent else ensure_model(models, variant)
             if what == "generate":
-                bench.generate(variant, made[variant], name)
+                bench.generate(variant, made[variant], name, skip)
             elif optimizer == "adamw8bit" and eight_bit:
-                bench.record(Row(variant, name, precision={"no": "fp32"}.get(precision, precision), optimizer=optimizer, note=f"skipped: {eight_bit}"))
+                bench.record(Row(variant, name, precision=label(precision), optimizer=optimizer, note=f"skipped: {eight_bit}"))
             else:
-                bench.train(variant, made[variant], name, precision, optimizer)
+                bench.train(variant, made[variant], name, precision, optimizer, skip)
         if args.models is None:
             shutil.rmtree(models, ignore_errors=True)
     table = markdown(bench.rows, header)
