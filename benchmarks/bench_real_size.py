@@ -259,6 +259,8 @@ class Bench:
                 row.seconds, row.loss = result["seconds"][-1], losses[-1]
                 ok = all(map(_finite, losses)) and all(changed.values())
                 row.note = ("ok" if ok else "FAILED") + f": losses {', '.join(f'{x:.4f}' for x in losses)}; changed {', '.join(k for k, v in changed.items() if v) or 'nothing'}"
+                if result["skipped_steps"]:
+                    row.note += f"; {result['skipped_steps']} step(s) skipped by the fp16 gradient scaler"
                 if not ok:
                     self.failed = True
         self.record(row)

@@ -141,7 +141,7 @@ def run_steps(cfg, steps: int, result_path: Path) -> dict:
     stage("loaded", loaded_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None, prediction_type=models.prediction_type)
     for module in trained.values():
         module.train()
-    seconds, losses = [], []
+    seconds, losses, skipped = [], [], 0
     for step in range(steps):
         start = time.perf_counter()
         generator = torch.Generator(device).manual_seed(cfg.seed + step)
@@ -156,10 +156,11 @@ def run_steps(cfg, steps: int, result_path: Path) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        skipped += accelerator.optimizer_step_was_skipped  # fp16: the gradient scaler skips a step with inf/NaN gradients
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-        stage(f"step {step + 1} of {steps}", seconds=seconds, losses=losses)
+        stage(f"step {step + 1} of {steps}", seconds=seconds, losses=losses, skipped_steps=skipped)
     changed = {name: not torch.equal(before[name], p.detach()) for name, p in watched.items()}
     stage("done", changed=changed, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
     return result
