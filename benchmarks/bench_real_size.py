@@ -300,26 +300,28 @@ def markdown(rows: list[Row], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fit_table() -> str:
-    """The plan for every configuration at batch 1 with checkpointing: predicted peak and the smallest card it fits (README "Will it fit?")."""
+def fit_table(batches: tuple[int, ...] = (1, 8)) -> str:
+    """The plan of every configuration (gradient checkpointing, native size) at each batch size: the
+    predicted peak and the smallest card it fits (README "Will it fit?")."""
     from sr_finetune.real_size import VARIANTS
     from sr_finetune.training.measured_step import config_from_spec
     from sr_finetune.training.memory_plan import CARDS_GB, plan_memory
 
-    columns = [(variant, precision) for variant in NATIVE for precision in ("no", "bf16")]
-    names = {"no": "fp32", "bf16": "bf16 mixed"}
+    columns = [(variant, batch) for variant in NATIVE for batch in batches]
     lines = [
-        "| configuration | optimizer | " + " | ".join(f"{v} ({NATIVE[v]} px), {names[p]}" for v, p in columns) + " |",
-        "|---|---|" + "---:|" * len(columns),
+        "| configuration | optimizer | precision | " + " | ".join(f"{v} ({NATIVE[v]} px), batch {b}" for v, b in columns) + " |",
+        "|---|---|---|" + "---:|" * len(columns),
     ]
     for name in TRAINING:
         for optimizer in ("adamw", "adamw8bit"):
-            cells = []
-            for variant, precision in columns:
-                plan = plan_memory(config_from_spec(training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa")))
-                card = next((f"{gb} GB" for gb, ok in plan.fits().items() if ok), f"> {CARDS_GB[-1]} GB")
-                cells.append(f"{plan.peak / GIB:.1f} GiB: {card}")
-            lines.append(f"| {name} | {optimizer} | " + " | ".join(cells) + " |")
+            for precision in ("no", "bf16"):
+                cells = []
+                for variant, batch in columns:
+                    spec = training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa")
+                    plan = plan_memory(config_from_spec(dict(spec, train_batch_size=batch)))
+                    card = next((f"{gb} GB" for gb, ok in plan.fits().items() if ok), f"> {CARDS_GB[-1]} GB")
+                    cells.append(f"{plan.peak / GIB:.1f}: {card}")
+                lines.append(f"| {name} | {optimizer} | {label(precision)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -352,7 +354,7 @@ def main() -> None:
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory left free: a configuration whose prediction leaves less is not started")
     parser.add_argument("--budget-s", type=float, help="start no configuration after this many seconds (the rest get 'not run' rows)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--fit-table", action="store_true", help="print the plan's peak and smallest fitting card (24/40/80 GB) of every configuration; start nothing")
+    parser.add_argument("--fit-table", action="store_true", help="print the plan's peak (GiB) and smallest fitting card (24/40/80 GB) of every configuration at batch 1 and 8; start nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the plan of every configuration; start nothing")
     parser.add_argument("--child", choices=["generate"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

@@ -3,10 +3,11 @@
 Each configuration runs in a fresh process (``sr_finetune.training.measured_step``); what is
 compared with the plan's peak is the process's peak resident set less its baseline, the resident
 set after torch, diffusers, transformers and accelerate are imported (about 0.9 GiB, no part of a
-GPU's memory). What remains beyond the plan is the runtime's own (allocator, oneDNN, autograd; 30 to
-170 MiB here), so the model is sized for its memory to dominate: a UNet of 79 M parameters and a
-text encoder of 67 M (1.2 to 2.3 GiB planned), at 64 px, with gradient checkpointing as the
-benchmark runs it. ``benchmarks/bench_real_size.py`` makes the same comparison at the real size.
+GPU's memory). What the plan leaves out (allocator, oneDNN, autograd's
+temporaries) is the runtime's own and does not grow with the model, so the model is sized for its
+memory to dominate: a UNet of 79 M parameters and a text encoder of 66 M, 1.4 to 2.3 GiB planned,
+at 64 px, with gradient checkpointing as the benchmark runs it (measured/planned on 2026-12-06:
+1.016, 0.927, 1.046). ``benchmarks/bench_real_size.py`` makes the same comparison at the real size.
 """
 
 from __future__ import annotations
