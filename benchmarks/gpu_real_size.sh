@@ -4,7 +4,7 @@
 #   benchmarks/gpu_real_size.sh OUT.md            # on a machine with one GPU (about 9 minutes on an H100)
 #   benchmarks/gpu_real_size.sh --cpu-smoke OUT.md  # here: the same stages on the CPU, cut down (see below)
 #
-# Stages, in order of worth, each under a share of the time budget (GPU_BUDGET_S, default 500 s;
+# Stages, in order of worth, each under a share of the time budget (GPU_BUDGET_S, default 480 s;
 # a stage past its share records "not run" rows instead of starting more processes):
 #  1. the two random-weight SD 2.1 pipelines (sr-finetune real-size-model; nothing is downloaded);
 #  2. bench_real_size.py in bf16 on both variants (generation in fp16, the five fine-tuning
@@ -24,7 +24,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 work=${GPU_WORK:-$(mktemp -d)}
-budget=${GPU_BUDGET_S:-500}
+budget=${GPU_BUDGET_S:-480}
 start=$SECONDS
 left() { echo $(( budget - (SECONDS - start) )); }
 
@@ -59,7 +59,7 @@ if (( smoke )); then
   bench --device cpu --variants 2-1-base --only generate
   echo "smoke: stages 3 (scorers, fp16) and 4 (fp16 training) need a GPU; not run" >> "$out"
 else
-  bench --variants "${variants[@]}" --precisions bf16 --steps 3 --budget-s $(( $(left) * 55 / 100 ))
+  bench --variants "${variants[@]}" --precisions bf16 --steps 3 --budget-s $(( $(left) * 50 / 100 ))
   {
     echo
     echo "## six scorers at real size, fp16"

@@ -32,11 +32,12 @@ from pathlib import Path
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def resident_bytes() -> int:
-    """This process's resident set now (VmRSS), in bytes; 0 where /proc is not there."""
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set now (``VmRSS``; ``RssAnon``, ``RssFile``: its anonymous and
+    file-backed parts, such as memory-mapped weights), in bytes; 0 where /proc is not there."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -113,6 +114,7 @@ def run_steps(cfg, steps: int, result_path: Path) -> dict:
     def stage(name: str, **values) -> None:
         result.update(stage=name, **values)
         result.setdefault("resident_at", {})[name] = resident_bytes()
+        result.setdefault("file_backed_at", {})[name] = resident_bytes("RssFile")
         result_path.write_text(json.dumps(result))
 
     stage("imported")
