@@ -57,6 +57,10 @@ TRAINING = {  # name -> FinetuneConfig settings
 EIGHT_BIT = ("unet+te",)  # configurations also run with optimizer=adamw8bit
 GUIDANCE = {"generate": 1.0, "generate-cfg": 7.5}  # name -> guidance scale (1: no classifier-free guidance)
 PROMPT = "a photo of a cat on a sofa"
+# glibc returns every freed block above 128 KiB to the kernel: the resident set then follows the live
+# bytes, as torch.cuda.max_memory_allocated does on a GPU (by default glibc keeps freed blocks in its
+# heap, and LoRA in fp32 at 768 px held 1.6-4.2 GiB of them above its live peak); slower (page faults)
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 @dataclass
@@ -266,7 +270,9 @@ class Bench:
         self.record(row)
 
     def env(self) -> dict:
-        return {"CUDA_VISIBLE_DEVICES": ""} if self.kind == "cpu" else {}
+        if self.kind != "cpu":
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": "", **(RETURN_FREED_MEMORY if self.args.return_freed_memory else {})}
 
     failed = False
 
@@ -353,6 +359,7 @@ def main() -> None:
     parser.add_argument("--attention", choices=["sdpa", "xformers", "eager"], default="sdpa")
     parser.add_argument("--margin-gib", type=float, default=2.0, help="memory left free: a configuration whose prediction leaves less is not started")
     parser.add_argument("--budget-s", type=float, help="start no configuration after this many seconds (the rest get 'not run' rows)")
+    parser.add_argument("--return-freed-memory", action="store_true", help="CPU: have glibc return freed blocks, so that the peak RSS follows the live bytes (see RETURN_FREED_MEMORY)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--fit-table", action="store_true", help="print the plan's peak (GiB) and smallest fitting card (24/40/80 GB) of every configuration at batch 1 and 8; start nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the plan of every configuration; start nothing")
@@ -380,7 +387,8 @@ def main() -> None:
         f"bench_real_size: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, device {kind}",
         device_line(kind),
         f"batch 1, native size, gradient checkpointing, {args.steps} steps (s/step of the last), attention {args.attention}; "
-        + ("memory: peak RSS of the process less its baseline (RSS after imports)" if kind == "cpu" else "memory: torch.cuda.max_memory_allocated"),
+        + ("memory: peak RSS of the process less its baseline (RSS after imports)" if kind == "cpu" else "memory: torch.cuda.max_memory_allocated")
+        + ("; glibc returns freed blocks (--return-freed-memory)" if kind == "cpu" and args.return_freed_memory else ""),
     ]
     print("\n".join(header), flush=True)
     eight_bit = eight_bit_skip(kind) if any(run[4] == "adamw8bit" for run in plan_of_runs(args, kind)) else None
