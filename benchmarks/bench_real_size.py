@@ -195,13 +195,16 @@ def weight_bytes(model: Path, dtype_bytes: int) -> int:
 
 
 class Bench:
+    """Runs configurations one at a time, each in its own process, after checking that it fits; keeps the rows."""
+
     def __init__(self, args, kind: str, work: Path):
         self.args, self.kind, self.work = args, kind, work
         self.baseline = int(0.9 * GIB) if kind == "cpu" else 0  # until a child has measured it
         self.rows: list[Row] = []
+        self.failed = False  # a run with a non-finite loss or no changed parameter
 
     def fits(self, row: Row, predicted: int) -> bool:
-        """Whether ``predicted`` (+ the baseline) fits the available memory less the margin; prints and records a refusal."""
+        """Whether ``predicted`` (+ the baseline) fits the available memory less the margin; else the row says why not."""
         available, margin = available_bytes(self.kind), int(self.args.margin_gib * GIB)
         need = predicted + self.baseline
         if need <= available - margin:
@@ -273,8 +276,6 @@ class Bench:
         if self.kind != "cpu":
             return {}
         return {"CUDA_VISIBLE_DEVICES": "", **(RETURN_FREED_MEMORY if self.args.return_freed_memory else {})}
-
-    failed = False
 
 
 def label(precision: str) -> str:
