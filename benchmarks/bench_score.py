@@ -300,18 +300,42 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def write_random_images(folder: Path, count: int) -> Path:
+    """``count`` 512 px smooth random images with parti prompts, laid out as ``sid_lsg`` (manifest.csv),
+    for a machine without the shared data folder (the scores then measure speed and memory only)."""
+    rng = np.random.default_rng(0)
+    target = folder / "sid_lsg"
+    target.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(PROMPT_SET).prompts
+    rows = []
+    for i in range(count):
+        field = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((512, 512), Image.BICUBIC)
+        field.save(target / f"{i:03d}.png")
+        rows.append({"image_path": f"{i:03d}.png", "prompt": prompts[i % len(prompts)], "width": 512, "height": 512})
+    pd.DataFrame(rows).to_csv(target / "manifest.csv", index=False)
+    return folder
+
+
 def bench_real_size(args: argparse.Namespace, work: Path) -> None:
     settings = real_size_weights(args.cache)
-    table = real_images_table(args.images_dir, args.real_images, work / "real_images.csv")
-    cfg = score_config(settings, table, fresh(work / "real_scores"), args, rows_per_part=args.real_images)
+    images_dir = args.images_dir if args.images_dir.is_dir() else write_random_images(work / "random_images", args.real_images)
+    if images_dir != args.images_dir:
+        print(f"real-size: no {args.images_dir}; {args.real_images} random 512 px images instead (speed and memory only)")
+    table = real_images_table(images_dir, args.real_images, work / "real_images.csv")
+    cfg = score_config(settings, table, fresh(work / "real_scores"), args, rows_per_part=args.real_images, device=args.device, dtype=args.dtype)
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     summary = run_scoring(cfg)
     total = time.perf_counter() - start
     if summary.scored != args.real_images:
         raise SystemExit(f"real-size: only {summary.scored} of {args.real_images} images scored (see {cfg.output_dir}/errors.parquet); no figure")
     loading = total - summary.seconds
-    print(f"real-size: metrics {','.join(cfg.metrics)}; {summary.scored} real 512 px images; batch_size {cfg.batch_size}, num_workers {cfg.num_workers}, fp32, {len(os.sched_getaffinity(0))} CPUs, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
-    print(f"real-size seconds: {total:.1f} s for all six metrics in one run (model loading {loading:.1f} s, scoring {summary.seconds:.1f} s); {time.strftime('%Y-%m-%d')}, {cpu_model()}")
+    device = torch.cuda.get_device_name() if cfg.device == "cuda" else cpu_model()
+    print(f"real-size: metrics {','.join(cfg.metrics)}; {summary.scored} 512 px images; batch_size {cfg.batch_size}, num_workers {cfg.num_workers}, {cfg.dtype} on {cfg.device}, {len(os.sched_getaffinity(0))} CPUs, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    print(f"real-size seconds: {total:.1f} s for all six metrics in one run (model loading {loading:.1f} s, scoring {summary.seconds:.1f} s); {time.strftime('%Y-%m-%d')}, {device}")
+    if cfg.device == "cuda":
+        print(f"real-size peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (torch.cuda.max_memory_allocated, all six scorers)")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"real-size peak RSS: {usage.ru_maxrss / 2**20:.1f} GiB (all six scorers loaded, clip and aesthetic on one backbone)")
     print(f"real-size CPU: user {usage.ru_utime:.0f} s, system {usage.ru_stime:.0f} s, {usage.ru_majflt} major page faults (file pages read back from disk)")
@@ -329,6 +353,8 @@ def main() -> None:
     parser.add_argument("--real-size", action="store_true", help="real architectures with seeded random weights, 24 real 512 px images")
     parser.add_argument("--cache", type=Path, default=REPO / "runs" / "bench_score_weights", help="real-size weights folder (made once)")
     parser.add_argument("--images-dir", type=Path, default=REPO.parent / "shared" / "data" / "images", help="real-size: the shared data images folder")
+    parser.add_argument("--device", default="cpu", help="real-size: score.device (cpu, cuda)")
+    parser.add_argument("--dtype", default="fp32", help="real-size: score.dtype (fp32, fp16, bf16)")
     parser.add_argument("--real-images", type=int, default=24, help="real-size: images scored")
     parser.add_argument("--batch-size", type=int, help="default: 32 (tiny modes), 8 (real size)")
     parser.add_argument("--num-workers", type=int, default=2)

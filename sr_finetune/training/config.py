@@ -159,6 +159,11 @@ class FinetuneConfig:
     hub_model_id: Optional[str] = None
     hub_private: bool = True
 
+    @property
+    def anchored(self) -> bool:
+        """Whether the objective compares with the starting model (dpo; an online one with kl_weight > 0)."""
+        return self.objective == "dpo" or (self.objective in ONLINE_OBJECTIVES and self.online.kl_weight > 0)
+
     def validate(self) -> None:
         from ..models import ATTENTION_BACKENDS
 

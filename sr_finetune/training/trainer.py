@@ -195,6 +195,62 @@ def _tracker_config(cfg: FinetuneConfig) -> dict:
     return flat
 
 
+@dataclass
+class TrainingModels:
+    """The models of a run as the trainer holds them: trained ones fp32 on the device (LoRA added,
+    gradient checkpointing on as configured), frozen ones in ``weight_dtype``, and the frozen copies
+    of the starting model that an anchored objective (dpo, or an online one with kl_weight) compares with."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    prediction_type: str
+    weight_dtype: torch.dtype
+    unet_dtype: torch.dtype
+    reference_unet: torch.nn.Module | None = None
+    reference_text_encoder: torch.nn.Module | None = None
+    lora: int = 0  # LoRA rank (0: full fine-tune)
+
+    def reference(self, trained_unet) -> Reference:
+        """The starting model: the frozen copies, or ``trained_unet`` (unwrapped) with its LoRA adapters off."""
+        unet = trained_unet if self.reference_unet is None else self.reference_unet
+        return Reference(unet, self.reference_text_encoder, lora=bool(self.lora))
+
+
+def prepare_models(cfg: FinetuneConfig, device: torch.device) -> TrainingModels:
+    """Load ``cfg.model`` and set its modules up for training on ``device`` (see :class:`TrainingModels`)."""
+    from ..models import load_components
+
+    parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
+    unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
+    prediction_type = resolve_prediction_type(cfg, parts.noise_scheduler)
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    vae.requires_grad_(False)
+    unet.requires_grad_(cfg.train_unet)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    reference_unet = reference_text_encoder = None
+    if cfg.anchored:  # the starting model, before any adapter or training touches it
+        reference_unet = frozen_copy(unet, device, weight_dtype) if cfg.train_unet and not cfg.lora.rank else None
+        reference_text_encoder = frozen_copy(text_encoder, device, weight_dtype) if cfg.train_text_encoder else None
+    if cfg.lora.rank:
+        add_lora(unet, cfg)
+    if cfg.gradient_checkpointing:
+        if cfg.train_unet and cfg.objective != "backprop":  # backprop checkpoints whole UNet calls of the kept DDIM steps
+            unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet_dtype = torch.float32 if cfg.train_unet else weight_dtype
+    place(vae, device, weight_dtype)
+    place(unet, device, unet_dtype)
+    place(text_encoder, device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    return TrainingModels(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, noise_scheduler=parts.noise_scheduler, prediction_type=prediction_type,
+        weight_dtype=weight_dtype, unet_dtype=unet_dtype, reference_unet=reference_unet, reference_text_encoder=reference_text_encoder, lora=cfg.lora.rank,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # one training step
 
@@ -385,8 +441,6 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ..models import load_components
-
     cfg.check_inputs()
     online = cfg.objective in ONLINE_OBJECTIVES
     if cfg.push_to_hub:  # before any training: a push that cannot work must not cost a run
@@ -421,28 +475,9 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         check_negative_token(table, cfg.negative_token)
 
     # --- models: the trained ones stay fp32 (accelerate autocasts), the frozen ones run in weight_dtype
-    parts = load_components(cfg.model, revision=cfg.revision, variant=cfg.variant, attention=cfg.attention)
-    unet, vae, text_encoder, tokenizer, noise_scheduler = parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.noise_scheduler
-    prediction_type = resolve_prediction_type(cfg, noise_scheduler)
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    vae.requires_grad_(False)
-    unet.requires_grad_(cfg.train_unet)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    anchored = dpo or (online and cfg.online.kl_weight > 0)
-    if anchored:  # the starting model, before any adapter or training touches it
-        reference_unet = frozen_copy(unet, device, weight_dtype) if cfg.train_unet and not cfg.lora.rank else None
-        reference_text_encoder = frozen_copy(text_encoder, device, weight_dtype) if cfg.train_text_encoder else None
-    if cfg.lora.rank:
-        add_lora(unet, cfg)
-    if cfg.gradient_checkpointing:
-        if cfg.train_unet and cfg.objective != "backprop":  # backprop checkpoints whole UNet calls of the kept DDIM steps
-            unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    unet_dtype = torch.float32 if cfg.train_unet else weight_dtype
-    place(vae, device, weight_dtype)
-    place(unet, device, unet_dtype)
-    place(text_encoder, device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    loaded = prepare_models(cfg, device)
+    unet, vae, text_encoder, tokenizer, noise_scheduler = loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, loaded.noise_scheduler
+    prediction_type, weight_dtype, unet_dtype = loaded.prediction_type, loaded.weight_dtype, loaded.unet_dtype
 
     # --- data
     if online:
@@ -474,8 +509,8 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
     if ema is not None:
         ema.to(device)
     reference = None
-    if anchored:
-        reference = Reference(accelerator.unwrap_model(unet) if reference_unet is None else reference_unet, reference_text_encoder, lora=bool(cfg.lora.rank))
+    if cfg.anchored:
+        reference = loaded.reference(accelerator.unwrap_model(unet))
     progress = TrainingProgress(data_layout=layout)
     accelerator.register_for_checkpointing(progress, *([ema] if ema is not None else []))
 
