@@ -88,9 +88,11 @@ class PairsConfig:
     # so a fine-tune on them shows what tuning on the pool does without the reward's direction.
     random_roles: bool = False
     min_images_per_prompt: int = 2
-    # Pairs per prompt: the i-th best image against the i-th worst, i < pairs_per_prompt (at most
-    # half the prompt's images, so no image takes both roles). 1 = the paper: best against worst.
+    # Pairs per prompt: the i-th best image against the i-th worst, i < pairs_per_prompt. 1 = the
+    # paper: best against worst. Each role takes at most max_pair_share of a prompt's images (at
+    # least one; 0.5: no image takes both roles), so 0.25 keeps pairs to the best and worst quarter.
     pairs_per_prompt: int = 1
+    max_pair_share: float = 0.5
     # HPS v1 confidence filter (None = off; HPS v1 used 2): keep the best image only if its
     # softmax(scores / T) probability within its prompt is > k/N, the worst only if its
     # softmax(-scores / T) probability is > k/N (N = valid images of the prompt).
@@ -123,6 +125,7 @@ class PairsConfig:
         require(bool(self.reward_column), "reward_column", "must name a scores column")
         require(self.min_images_per_prompt >= 2, "min_images_per_prompt", f"must be >= 2 (chosen and rejected are different images), got {self.min_images_per_prompt}")
         require(self.pairs_per_prompt >= 1, "pairs_per_prompt", f"must be >= 1, got {self.pairs_per_prompt}")
+        require(0 < self.max_pair_share <= 0.5, "max_pair_share", f"must be in (0, 0.5] (chosen and rejected are different images), got {self.max_pair_share}")
         require(self.confidence_k is None or self.confidence_k > 0, "confidence_k", f"must be positive or null, got {self.confidence_k}")
         require(not (self.random_roles and self.swap_chosen_rejected), "random_roles", "and swap_chosen_rejected are two ablations; set one")
         require(not (self.random_roles and self.confidence_k is not None), "random_roles", "ignores the scores, so the confidence filter (confidence_k) cannot apply; set confidence_k: null")
@@ -231,8 +234,8 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(group)][: len(starts)] - 1
     n = (ends - starts + 1).astype(np.int64)
-    # pair j of a prompt: its j-th best image against its j-th worst (j < pairs_per_prompt, < n // 2)
-    per_group = np.minimum(cfg.pairs_per_prompt, n // 2)
+    # pair j of a prompt: its j-th best image against its j-th worst (j < pairs_per_prompt, <= n x max_pair_share)
+    per_group = np.minimum(cfg.pairs_per_prompt, np.maximum(1, np.floor(n * cfg.max_pair_share + 1e-9).astype(np.int64)))
     owner = np.repeat(np.arange(len(starts)), per_group)
     rank = np.arange(len(owner)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
     chosen_at, rejected_at = starts[owner] + rank, ends[owner] - rank

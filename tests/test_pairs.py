@@ -80,8 +80,14 @@ def test_pairs_per_prompt_matches_the_i_th_best_with_the_i_th_worst_and_never_re
     assert got == [("a", "chosen", "a_1"), ("a", "rejected", "a_2"), ("a", "chosen", "a_3"), ("a", "rejected", "a_4"), ("b", "chosen", "b_0"), ("b", "rejected", "b_1")]
     one, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
     assert list(one.image_id) == ["a_1", "a_2", "b_0", "b_1"]
+    quarter, _ = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=3, max_pair_share=0.25), check_files=False)
+    assert list(quarter.image_id) == ["a_1", "a_2", "b_0", "b_1"]  # 5 x 0.25 < 2: the best and worst only; never fewer than one pair
+    eight, _ = select_pairs(*manifest_and_scores({"c": [float(v) for v in range(8)]}), PairsConfig(pairs_per_prompt=4, max_pair_share=0.25), check_files=False)
+    assert list(eight.image_id) == ["c_7", "c_0", "c_6", "c_1"]  # 8 x 0.25 = 2 pairs: the best quarter against the worst
     with pytest.raises(ValueError, match="pairs_per_prompt"):
         PairsConfig(pairs_per_prompt=0).validate()
+    with pytest.raises(ValueError, match="max_pair_share"):
+        PairsConfig(max_pair_share=0.6).validate()
 
 
 def test_confidence_of_a_second_pair_is_its_own_softmax_probability():
