@@ -28,7 +28,7 @@ from sr_finetune.training.export import model_card_text
 
 TOKEN = "hf_test_token_never_printed"
 NEG = "t@y quality"
-PIPELINE_FILES = {"model_index.json", "README.md", "config.yaml", "scheduler/scheduler_config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+PIPELINE_FILES = {"model_index.json", "README.md", "config.yaml", "sampling.json", "scheduler/scheduler_config.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                   "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"}
 
 
