@@ -179,6 +179,7 @@ def trained_negative_prompt(cfg, counts: dict[str, int]) -> str | None:
 
 
 def write_sampling_record(output_dir: Path, negative_prompt: str | None) -> Path:
+    """Write ``sampling.json`` beside the saved pipeline: the negative prompt to sample it with (or null)."""
     path = Path(output_dir) / SAMPLING_RECORD
     path.write_text(json.dumps({"negative_prompt": negative_prompt}, indent=2) + "\n")
     return path
