@@ -270,7 +270,7 @@ def caveats(cfg: EvaluateConfig, scores: pd.DataFrame, means: pd.DataFrame, matc
     if existing:
         notes.append(f"{', '.join(existing)}: existing images, paired with the other models by prompt and image index, not by seed; "
                      "their sampler settings and negative prompts are whatever made them.")
-    negatives = {name: spec.sampling_negative_prompt() for name, spec in cfg.models().items() if spec.generated and spec.sampling_negative_prompt()}
+    negatives = {name: negative for name, spec in cfg.models().items() if spec.generated and (negative := spec.sampling_negative_prompt())}
     if negatives:
         listed = ", ".join(f"{n} uses {v!r}" for n, v in negatives.items())
         notes.append(f"Models are sampled with different negative prompts ({listed}); the comparison includes that inference-time difference.")

@@ -26,6 +26,11 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "eager")
 SCHEDULERS = ("ddim", "ddpm", "pndm", "euler", "euler_ancestral", "dpmsolver++", "unipc", "model")
 
 
+def vae_scale_factor(vae: Any) -> int:
+    """Pixels per latent cell of a VAE (SD: 8): 2 per downsampling block, as diffusers' pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """Map ``"fp16"``/``"bf16"``/``"fp32"`` (and torch names) to a ``torch.dtype``."""
     if isinstance(name, torch.dtype):

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UserError
+from ..models import vae_scale_factor
 from ..progress import progress
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def build_cached_table(table, *, accelerator, vae, text_encoder, tokenizer, cfg,
     world, rank = accelerator.num_processes, accelerator.process_index
     features = {}
     if cache_latents:
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         shape = (vae.config.latent_channels, cfg.resolution // factor, cfg.resolution // factor)
         names = ["latent_mean", "latent_logvar"] + (["latent_mean_flipped", "latent_logvar_flipped"] if cfg.random_flip else [])
         features.update({name: Array3D(shape=shape, dtype="float32") for name in names})

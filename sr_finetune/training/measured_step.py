@@ -61,9 +61,10 @@ def synthetic_batch(cfg, models, device, prompt: str = "a photo of a cat on a so
     for dpo a pair of such rows."""
     import torch
 
+    from ..models import vae_scale_factor
     from .data import tokenize
 
-    side = cfg.resolution // 2 ** (len(models.vae.config.block_out_channels) - 1)
+    side = cfg.resolution // vae_scale_factor(models.vae)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def row() -> dict:
@@ -106,7 +107,7 @@ def run_steps(cfg, steps: int, result_path: Path) -> dict:
     """Load ``cfg.model`` as the trainer does and run ``steps`` training steps; write and return the result."""
     import torch
 
-    from .trainer import build_optimizer, compute_dpo_loss, compute_loss, make_accelerator, prepare_models
+    from .trainer import build_optimizer, compute_dpo_loss, compute_loss, make_accelerator, prepare_models, trained_param_groups
 
     _import_model_libraries(bool(cfg.lora.rank))
     result: dict = {"stage": "imported", "baseline_bytes": resident_bytes()}
@@ -125,8 +126,7 @@ def run_steps(cfg, steps: int, result_path: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     stage("loading the model")
     models = prepare_models(cfg, device)
-    trained = {name: module for name, module, on in (("unet", models.unet, cfg.train_unet), ("text_encoder", models.text_encoder, cfg.train_text_encoder)) if on}
-    param_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lr} for (name, m), lr in zip(trained.items(), (cfg.unet_lr, cfg.text_encoder_lr))]
+    trained, param_groups = trained_param_groups(cfg, models.unet, models.text_encoder)
     optimizer = build_optimizer(cfg, param_groups, device)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(trained, prepared))

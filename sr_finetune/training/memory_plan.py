@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models import vae_scale_factor
 from ..real_size import CONFIG_FILES, VARIANTS, build_model, real_size_configs
 from .config import ONLINE_OBJECTIVES, FinetuneConfig
 
@@ -221,7 +222,7 @@ def _activation_items(cfg: FinetuneConfig, models: dict, notes: list[str]) -> di
         notes.append("dpo: the regularization rows added to the UNet forward (dpo_sft_weight > 0) are not counted")
     if cfg.lora.rank:
         notes.append("LoRA: activations traced as for a full UNet fine-tune (an upper bound)")
-    side = cfg.resolution // 2 ** (len(models["vae"].config.block_out_channels) - 1)  # the VAE's latent (SD: 1/8)
+    side = cfg.resolution // vae_scale_factor(models["vae"])  # the VAE's latent (SD: 1/8)
     items = {}
     with fused_attention() if cfg.attention != "eager" else nullcontext(), _quiet_casts():
         items.update(_traced_activations(cfg, models, rows, side, dtype))

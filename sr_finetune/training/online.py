@@ -35,6 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from ..eval_only import refuse_eval_only
+from ..models import vae_scale_factor
 from .config import FinetuneConfig
 from .data import derive_seed, tokenize
 from .online_sampling import DDIMTrajectory, ddim_step_mean_std, gaussian_log_prob, guided_unet_output, sample_ddim
@@ -204,7 +205,7 @@ class OnlineRun:
         """DDIM samples for the prompts from seeded starting noise, gradients through the last ``grad_steps`` steps."""
         o = self.cfg.online
         generator = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "online-sample", self.accelerator.process_index, step))
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae_scale = vae_scale_factor(self.vae)
         unet_config = self.accelerator.unwrap_model(self.unet).config
         size = self.cfg.resolution // vae_scale
         latents = torch.randn((len(prompts), unet_config.in_channels, size, size), generator=generator, device=self.device) * self.scheduler.init_noise_sigma

@@ -160,6 +160,13 @@ def place(module, device: torch.device, dtype: torch.dtype) -> None:
         module.to(dtype=dtype)
 
 
+def trained_param_groups(cfg: FinetuneConfig, unet, text_encoder) -> tuple[dict[str, torch.nn.Module], list[dict]]:
+    """The trained modules by name (``unet``, ``text_encoder``) and one optimizer group each, at its own rate."""
+    trained = {name: module for name, module, on in (("unet", unet, cfg.train_unet), ("text_encoder", text_encoder, cfg.train_text_encoder)) if on}
+    lrs = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr}
+    return trained, [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lrs[name]} for name, m in trained.items()]
+
+
 def build_optimizer(cfg: FinetuneConfig, param_groups: list[dict], device: torch.device):
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
@@ -493,9 +500,7 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         layout = f"{rows}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}"
 
     # --- optimizer, schedule, EMA
-    trained = {name: module for name, module, on in (("unet", unet, cfg.train_unet), ("text_encoder", text_encoder, cfg.train_text_encoder)) if on}
-    lrs = {"unet": cfg.unet_lr, "text_encoder": cfg.text_encoder_lr}
-    param_groups = [{"params": [p for p in m.parameters() if p.requires_grad], "lr": lrs[name]} for name, m in trained.items()]
+    trained, param_groups = trained_param_groups(cfg, unet, text_encoder)
     optimizer = build_optimizer(cfg, param_groups, device)
     # accelerate steps a prepared scheduler once per process per optimizer step
     # (pg makes inner_epochs optimizer steps per training step; warmup and length count training steps)
