@@ -6,7 +6,7 @@ random-weight pipeline folder is written by ``sr-finetune real-size-model`` (or 
 
 - generation: one image at the native size, 2 DDIM steps, without guidance (scale 1) and with
   (scale 7.5), through ``load_pipeline`` and ``generate_images``, as ``sr-finetune generate`` runs;
-- fine-tuning: batch 1, native size, gradient checkpointing, for the UNet, UNet + text encoder,
+- fine-tuning: batch 1 (``--batch``), native size, gradient checkpointing, for the UNet, UNet + text encoder,
   LoRA rank 4 on the UNet (alone; with the text encoder trained in full), ``objective=dpo`` on
   the UNet with its frozen reference copy, and dpo with LoRA (the reference: adapters off, no copy); AdamW in fp32 and under each ``--precisions`` autocast
   (bf16 where torch supports it on the device; fp16 with gradient scaling on a GPU); 8-bit AdamW
@@ -25,7 +25,7 @@ the prediction. s/step is that of the last of ``--steps`` steps (the first one a
 optimizer state).
 
     python benchmarks/bench_real_size.py [--variants 2-1-base 2-1] [--only unet dpo-unet generate] [--precisions no bf16]
-        [--steps 2] [--models DIR] [--device auto|cpu] [--attention sdpa|xformers] [--budget-s S] [--out table.md] [--dry-run]
+        [--optimizers adamw adamw8bit] [--batch 1] [--steps 2] [--models DIR] [--device auto|cpu] [--attention sdpa|xformers] [--budget-s S] [--out table.md] [--dry-run]
 """
 
 from __future__ import annotations
@@ -57,10 +57,6 @@ TRAINING = {  # name -> FinetuneConfig settings
 EIGHT_BIT = ("unet+te",)  # configurations also run with optimizer=adamw8bit
 GUIDANCE = {"generate": 1.0, "generate-cfg": 7.5}  # name -> guidance scale (1: no classifier-free guidance)
 PROMPT = "a photo of a cat on a sofa"
-# glibc returns every freed block above 128 KiB to the kernel: the resident set then follows the live
-# bytes, as torch.cuda.max_memory_allocated does on a GPU (by default glibc keeps freed blocks in its
-# heap, and LoRA in fp32 at 768 px held 1.6-4.2 GiB of them above its live peak); slower (page faults)
-RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 @dataclass
@@ -172,9 +168,9 @@ def ensure_model(models: Path, variant: str) -> Path:
     return folder
 
 
-def training_spec(model: Path, variant: str, settings: dict, precision: str, optimizer: str, kind: str, attention: str) -> dict:
+def training_spec(model: Path, variant: str, settings: dict, precision: str, optimizer: str, kind: str, attention: str, batch: int = 1) -> dict:
     return dict(
-        model=str(model), resolution=NATIVE[variant], train_batch_size=1, gradient_checkpointing=True, mixed_precision=precision, optimizer=optimizer,
+        model=str(model), resolution=NATIVE[variant], train_batch_size=batch, gradient_checkpointing=True, mixed_precision=precision, optimizer=optimizer,
         device="auto" if kind == "cuda" else "cpu", report_to="none", attention=attention, dataloader_num_workers=0, **settings,
     )
 
@@ -254,7 +250,7 @@ class Bench:
     def train(self, variant: str, model: Path, name: str, precision: str, optimizer: str, skip: str | None = None) -> None:
         from sr_finetune.training.measured_step import measure
 
-        spec = training_spec(model, variant, TRAINING[name], precision, optimizer, self.kind, self.args.attention)
+        spec = training_spec(model, variant, TRAINING[name], precision, optimizer, self.kind, self.args.attention, self.args.batch)
         row = Row(variant, name, precision=label(precision), optimizer=optimizer, predicted=plan_peak(spec))
         if skip or self.args.dry_run:
             row.note = skip or "dry run"
@@ -275,6 +271,8 @@ class Bench:
     def env(self) -> dict:
         if self.kind != "cpu":
             return {}
+        from sr_finetune.training.measured_step import RETURN_FREED_MEMORY
+
         return {"CUDA_VISIBLE_DEVICES": "", **(RETURN_FREED_MEMORY if self.args.return_freed_memory else {})}
 
 
@@ -325,7 +323,7 @@ def fit_table(batches: tuple[int, ...] = (1, 8)) -> str:
                 cells = []
                 for variant, batch in columns:
                     spec = training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa")
-                    plan = plan_memory(config_from_spec(dict(spec, train_batch_size=batch)))
+                    plan = plan_memory(config_from_spec(dict(spec, train_batch_size=batch)), device="cuda")
                     card = next((f"{gb} GB" for gb, ok in plan.fits().items() if ok), f"> {CARDS_GB[-1]} GB")
                     cells.append(f"{plan.peak / GIB:.1f}: {card}")
                 lines.append(f"| {name} | {optimizer} | {label(precision)} | " + " | ".join(cells) + " |")
@@ -341,10 +339,10 @@ def plan_of_runs(args, kind: str) -> list[tuple]:
                 runs.append((variant, "generate", name, None, None))
         for precision in args.precisions:
             for name in TRAINING:
-                if not args.only or name in args.only:
+                if (not args.only or name in args.only) and "adamw" in args.optimizers:
                     runs.append((variant, "train", name, precision, "adamw"))
             for name in EIGHT_BIT:
-                if not args.only or name in args.only:
+                if (not args.only or name in args.only) and "adamw8bit" in args.optimizers:
                     runs.append((variant, "train", name, precision, "adamw8bit"))
     return runs
 
@@ -354,6 +352,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(NATIVE), choices=list(NATIVE))
     parser.add_argument("--only", nargs="+", choices=[*GUIDANCE, *TRAINING], help="run only these configurations")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["no", "bf16", "fp16"], help="mixed_precision settings (default: no bf16; fp16 only on a GPU)")
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "adamw8bit"], choices=["adamw", "adamw8bit"], help="AdamW for every configuration, 8-bit AdamW (bitsandbytes) for those of EIGHT_BIT")
+    parser.add_argument("--batch", type=int, default=1, help="train_batch_size of the fine-tuning steps")
     parser.add_argument("--steps", type=int, default=2, help="training steps per configuration; the last one's time is reported")
     parser.add_argument("--models", type=Path, help="folder of the pipelines (<variant>/), written there if absent (default: a temporary folder)")
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
@@ -387,7 +387,7 @@ def main() -> None:
     header = [
         f"bench_real_size: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, device {kind}",
         device_line(kind),
-        f"batch 1, native size, gradient checkpointing, {args.steps} steps (s/step of the last), attention {args.attention}; "
+        f"batch {args.batch}, native size, gradient checkpointing, {args.steps} steps (s/step of the last), attention {args.attention}; "
         + ("memory: peak RSS of the process less its baseline (RSS after imports)" if kind == "cpu" else "memory: torch.cuda.max_memory_allocated")
         + ("; glibc returns freed blocks (--return-freed-memory)" if kind == "cpu" and args.return_freed_memory else ""),
     ]

@@ -34,6 +34,23 @@ def test_weights_gradients_and_optimizer_follow_the_trained_parameters(tiny_sd):
     assert _plan(tiny_sd, use_ema=True).items["EMA (fp32 copy of the trained parameters)"] == 4 * (unet + text)
 
 
+def test_eight_bit_adamw_on_the_cpu_adds_its_step_temporaries_of_the_largest_trained_tensor(tiny_sd):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    text = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder")
+    step = "8-bit AdamW step on the CPU"
+    on_cpu = plan_memory(FinetuneConfig(model=str(tiny_sd), optimizer="adamw8bit"), device="cpu")
+    [(name, size)] = [(k, v) for k, v in on_cpu.items.items() if k.startswith(step)]
+    assert size == 20 * max(p.numel() for module in (unet, text) for p in module.parameters())
+    unet_only = plan_memory(FinetuneConfig(model=str(tiny_sd), optimizer="adamw8bit", train_text_encoder=False), device="cpu")
+    assert sum(v for k, v in unet_only.items.items() if k.startswith(step)) == 20 * max(p.numel() for p in unet.parameters())
+    # a GPU steps every tensor in one fused kernel; AdamW keeps no such item anywhere
+    assert not any(k.startswith(step) for k in plan_memory(FinetuneConfig(model=str(tiny_sd), optimizer="adamw8bit"), device="cuda").items)
+    assert not any(k.startswith(step) for k in plan_memory(FinetuneConfig(model=str(tiny_sd)), device="cpu").items)
+
+
 def test_dpo_keeps_a_frozen_reference_copy_unless_lora(tiny_sd):
     plan = _plan(tiny_sd, objective="dpo", mixed_precision="fp16")
     unet, text = plan.parameters["unet"][0], plan.parameters["text_encoder"][0]

@@ -7,19 +7,21 @@ GPU's memory). What the plan leaves out (allocator, oneDNN, autograd's
 temporaries) is the runtime's own and does not grow with the model, so the model is sized for its
 memory to dominate: a UNet of 79 M parameters and a text encoder of 66 M, 1.4 to 2.3 GiB planned,
 at 64 px, with gradient checkpointing as the benchmark runs it (measured/planned on 2026-12-06:
-1.016, 0.927, 1.046). ``benchmarks/bench_real_size.py`` makes the same comparison at the real size.
+1.016, 0.927, 1.046; 8-bit AdamW on 2026-12-07: 0.997). ``benchmarks/bench_real_size.py`` makes the same comparison at the real size.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 
-from sr_finetune.training.measured_step import config_from_spec, measure
+from sr_finetune.training.measured_step import RETURN_FREED_MEMORY, config_from_spec, measure
 from sr_finetune.training.memory_plan import plan_memory
 
 TOLERANCE = 0.15
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install -e '.[dev]' installs it)")
 MEDIUM = dict(unet_channels=(320, 640), unet_head_dims=(5, 10), text_hidden_size=768, text_layers=4, text_heads=12, text_intermediate_size=3072)
 
 
@@ -36,11 +38,15 @@ def medium_sd(tmp_path_factory):
         pytest.param({}, id="unet+text-encoder-fp32"),
         pytest.param({"objective": "dpo", "train_text_encoder": False}, id="dpo-unet-with-reference-copy"),
         pytest.param({"lora": {"rank": 4}, "mixed_precision": "bf16"}, id="lora-unet+text-encoder-bf16"),
+        pytest.param({"optimizer": "adamw8bit"}, id="unet+text-encoder-8bit-adamw", marks=needs_bitsandbytes),
     ],
 )
 def test_plan_is_within_15_percent_of_the_measured_peak_of_a_training_step(medium_sd, tmp_path, settings):
     spec = dict(model=str(medium_sd), resolution=64, train_batch_size=1, gradient_checkpointing=True, device="cpu", report_to="none", **settings)
-    result = measure(spec, steps=1, work_dir=tmp_path)
+    # 8-bit AdamW's per-tensor temporaries stay in glibc's heap after they are freed (13-16% of the
+    # peak here): the plan counts live bytes, so glibc returns freed blocks for that run
+    env = RETURN_FREED_MEMORY if settings.get("optimizer") == "adamw8bit" else None
+    result = measure(spec, steps=1, work_dir=tmp_path, env=env)
     assert result["exit_code"] == 0 and result["stage"] == "done", open(result["log"]).read()[-2000:]
     assert all(math.isfinite(loss) for loss in result["losses"]) and all(result["changed"].values())
     measured = result["peak_rss_bytes"] - result["baseline_bytes"]

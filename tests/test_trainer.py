@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import sys
@@ -16,6 +17,7 @@ from sr_finetune.config import load_config
 from sr_finetune.errors import ConfigError, MissingDependencyError, UserError
 from sr_finetune.training import FinetuneConfig, LoraSettings, run_finetune
 from sr_finetune.training import trainer as trainer_module
+from sr_finetune.training.trainer import build_optimizer
 from sr_finetune.training.losses import min_snr_weights, snr
 from conftest import launch_two_cpu_processes, reset_accelerate_state
 
@@ -300,6 +302,24 @@ def test_dataset_without_a_role_column_is_refused(tiny_sd, tmp_path):
     Dataset.from_dict({"text": ["a"], "prompt_id": ["p"], "score": [1.0]}).save_to_disk(str(path))
     with pytest.raises(UserError, match=r"lacks column\(s\) \['image', 'role'\]"):
         run_finetune(tiny_cfg(tiny_sd, path, tmp_path / "ft"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install -e '.[dev]' installs it)")
+def test_eight_bit_adamw_trains_and_resumes_to_the_weights_of_an_uninterrupted_run(tiny_sd, finetune_set, tmp_path):
+    import bitsandbytes as bnb
+
+    common = dict(optimizer="adamw8bit", checkpointing_steps=2, train_batch_size=2)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, straight, max_train_steps=4, **common))
+    run_finetune(tiny_cfg(tiny_sd, finetune_set, stopped, max_train_steps=2, **common))
+    resumed = run_finetune(tiny_cfg(tiny_sd, finetune_set, stopped, max_train_steps=4, resume_from_checkpoint="latest", **common))
+    assert resumed.resumed_from == str(stopped / "checkpoint-2") and resumed.steps_run == 2
+    assert_same(unet_weights(stopped), unet_weights(straight))
+    assert_same(text_encoder_weights(stopped), text_encoder_weights(straight))
+    start, trained = unet_weights(tiny_sd), unet_weights(straight)
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    cfg = tiny_cfg(tiny_sd, finetune_set, tmp_path / "x", **common)
+    assert isinstance(build_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.ones(8192))], "lr": 1e-3}], torch.device("cpu")), bnb.optim.AdamW8bit)
 
 
 def test_resume_with_another_batch_size_is_refused(tiny_sd, finetune_set, tmp_path):

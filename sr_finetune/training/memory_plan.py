@@ -26,6 +26,10 @@ GIB = 2**30
 CARDS_GB = (24, 40, 80)
 USABLE_SHARE = 0.9  # of a card's memory, leaving the rest to the CUDA context and allocator fragmentation (an assumption)
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trained parameter: two moments in fp32, or in 8 bits
+# bitsandbytes' 8-bit AdamW on the CPU (its torch backend, 0.50) dequantizes one tensor's two moments
+# to fp32 and updates them with temporaries: measured 20 B per element of the tensor it steps,
+# freed after it (a GPU runs the update in one fused kernel, without them).
+CPU_8BIT_STEP_BYTES = 20
 HALF = {"no": 4, "fp16": 2, "bf16": 2}  # bytes of a frozen module's parameter under each mixed_precision
 
 
@@ -166,8 +170,10 @@ class MemoryPlan:
         return out
 
 
-def plan_memory(cfg: FinetuneConfig) -> MemoryPlan:
-    """What one training process of ``cfg`` holds, from the model's configs on the meta device."""
+def plan_memory(cfg: FinetuneConfig, device: str | None = None) -> MemoryPlan:
+    """What one training process of ``cfg`` holds, from the model's configs on the meta device, on
+    ``device`` (``cpu`` or ``cuda``; default: where ``cfg`` would train on this machine)."""
+    device = device or ("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
     configs = architecture_configs(cfg.model)
     models = {name: build_model(name, configs[name], empty=True) for name in ("unet", "text_encoder", "vae")}
     totals = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
@@ -189,6 +195,9 @@ def plan_memory(cfg: FinetuneConfig) -> MemoryPlan:
     items = {f"weights {name}": size for name, size in weight_bytes.items()}
     items["gradients (fp32)"] = n_trained * 4
     items[f"optimizer state ({cfg.optimizer}, {OPTIMIZER_BYTES[cfg.optimizer]} B/param)"] = n_trained * OPTIMIZER_BYTES[cfg.optimizer]
+    if cfg.optimizer == "adamw8bit" and device == "cpu":
+        largest = _largest_trained_tensor(models, cfg)
+        items[f"8-bit AdamW step on the CPU ({CPU_8BIT_STEP_BYTES} B x {largest:,}, the largest trained tensor)"] = CPU_8BIT_STEP_BYTES * largest
     if cfg.use_ema:
         items["EMA (fp32 copy of the trained parameters)"] = n_trained * 4
     notes = []
@@ -205,6 +214,23 @@ def plan_memory(cfg: FinetuneConfig) -> MemoryPlan:
         "one operation's temporaries, the CUDA context and allocator overhead are not in it"
     )
     return MemoryPlan(cfg.model, parameters, items, notes)
+
+
+def _largest_trained_tensor(models: dict, cfg: FinetuneConfig) -> int:
+    """Elements of the largest tensor the optimizer steps (under LoRA: its largest adapter matrix)."""
+    sizes = []
+    if cfg.train_unet and cfg.lora.rank:
+        targets = list(cfg.lora.target_modules)
+        sizes += [
+            cfg.lora.rank * max(m.in_features, m.out_features)  # A is rank x in, B out x rank
+            for name, m in models["unet"].named_modules()
+            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+        ]
+    elif cfg.train_unet:
+        sizes += [p.numel() for p in models["unet"].parameters()]
+    if cfg.train_text_encoder:
+        sizes += [p.numel() for p in models["text_encoder"].parameters()]
+    return max(sizes, default=0)
 
 
 def _activation_items(cfg: FinetuneConfig, models: dict, notes: list[str]) -> dict[str, int]:
