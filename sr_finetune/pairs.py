@@ -86,6 +86,9 @@ class PairsConfig:
     swap_chosen_rejected: bool = False
     # Its control: two images of each prompt drawn at random (seeded, by image_id) take the roles,
     # so a fine-tune on them shows what tuning on the pool does without the reward's direction.
+    # With swap_chosen_rejected too: the mirror of that draw (the same pairs, roles reversed). A
+    # single draw carries a direction of its own, which a pairwise objective learns; the draw and
+    # its mirror move the model opposite ways, and their mean leaves what fine-tuning itself does.
     random_roles: bool = False
     min_images_per_prompt: int = 2
     # Pairs per prompt: the i-th best image against the i-th worst, i < pairs_per_prompt. 1 = the
@@ -127,7 +130,6 @@ class PairsConfig:
         require(self.pairs_per_prompt >= 1, "pairs_per_prompt", f"must be >= 1, got {self.pairs_per_prompt}")
         require(0 < self.max_pair_share <= 0.5, "max_pair_share", f"must be in (0, 0.5] (chosen and rejected are different images), got {self.max_pair_share}")
         require(self.confidence_k is None or self.confidence_k > 0, "confidence_k", f"must be positive or null, got {self.confidence_k}")
-        require(not (self.random_roles and self.swap_chosen_rejected), "random_roles", "and swap_chosen_rejected are two ablations; set one")
         require(not (self.random_roles and self.confidence_k is not None), "random_roles", "ignores the scores, so the confidence filter (confidence_k) cannot apply; set confidence_k: null")
         require(self.confidence_temperature > 0, "confidence_temperature", f"must be positive, got {self.confidence_temperature}")
         require(self.max_rejected_ratio is None or self.max_rejected_ratio >= 0, "max_rejected_ratio", f"must be >= 0 or null, got {self.max_rejected_ratio}")
@@ -597,10 +599,11 @@ def build_pairs(cfg: PairsConfig) -> PairsSummary:
     if not cfg.scores:
         raise ConfigError("config error: pairs.scores is required (a scores parquet or folder written by `score`)")
     start = time.perf_counter()
-    if cfg.swap_chosen_rejected:
-        logger.warning("build-pairs: swap_chosen_rejected=true (ablation): each prompt's worst image is chosen, its best rejected")
     if cfg.random_roles:
-        logger.warning("build-pairs: random_roles=true (control): two images of each prompt drawn at random are chosen and rejected; the scores are not used")
+        mirror = " (mirrored by swap_chosen_rejected: the same draw with its roles reversed)" if cfg.swap_chosen_rejected else ""
+        logger.warning("build-pairs: random_roles=true (control): two images of each prompt drawn at random are chosen and rejected%s; the scores are not used", mirror)
+    elif cfg.swap_chosen_rejected:
+        logger.warning("build-pairs: swap_chosen_rejected=true (ablation): each prompt's worst image is chosen, its best rejected")
     manifest = read_generations(cfg.generations)
     scores = read_scores_table(cfg.scores, cfg.reward_column)
     tuning, held_out = split_held_out(manifest, cfg)

@@ -191,6 +191,25 @@ def test_each_arm_is_compared_with_its_own_control_when_the_config_names_one():
     assert got == [("dpo beats dpo-random on the judge (70.0%, CI 62.0% – 78.0%; CI low > 50%)", True)]
 
 
+def test_a_control_and_its_mirror_are_both_beaten_and_their_mean_is_checked_for_parity():
+    from sr_finetune.commands.demo_summary import comparisons, control_arms, direction_checks, parity_checks
+
+    controls, mirrors = {"dpo": "dpo-random"}, {"dpo-random": "dpo-mirror"}
+    arms = ["dpo", "dpo-random", "dpo-mirror", "sft"]
+    assert control_arms(arms, controls, mirrors) == {"dpo-random", "dpo-mirror"}
+    assert comparisons(arms, controls, mirrors) == [("dpo", ["sft"]), ("dpo-random", ["dpo"]), ("dpo-mirror", ["dpo"])]
+    row = {"judge_win_rate": 0.7, "ci_low": 0.62, "ci_high": 0.78}
+    got = direction_checks({"dpo vs dpo-random": row, "dpo vs dpo-mirror": {**row, "ci_low": 0.48}}, controls, mirrors)
+    assert [(text.split(" on ")[0], ok) for text, ok in got] == [("dpo beats dpo-random", True), ("dpo beats dpo-mirror", False)]
+    # one draw at 36%, its mirror at 60%: the draw's own direction cancels, the mean 48% is at parity
+    models = {"dpo": {"judge_win_rate": 0.8}, "dpo-random": {"judge_win_rate": 0.34, "judge_tie_rate": 0.04}, "dpo-mirror": {"judge_win_rate": 0.60}, "sft": {"judge_win_rate": 0.6}}
+    [(text, ok)] = parity_checks(models, arms, controls, mirrors)
+    assert ok and "48.0% against the base (mean of dpo-random 36.0%, dpo-mirror 60.0%" in text
+    [(text, ok)] = parity_checks(models, ["dpo", "dpo-random"], controls, mirrors)  # the mirror did not run: the draw alone
+    assert not ok and "36.0% against the base (dpo-random 36.0%, one draw" in text
+    assert parity_checks(models, ["sft", "dpo"], controls, mirrors) == []  # no control ran
+
+
 def test_direction_checks_want_sft_above_and_swapped_below_the_control_with_the_ci_clear_of_half():
     from sr_finetune.commands.demo_summary import direction_checks
 
@@ -308,12 +327,14 @@ def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(t
     _demo_json(runs["large-centred"], 0.72, 0.66)
     _demo_json(runs["mod.fn"], 0.40, None)
     data = json.loads((runs["mod.fn"] / "demo.json").read_text())  # a control named by demo.controls
-    data["versus"] = {"sft vs sft-random": {"judge_win_rate": 0.61, "ci_low": 0.55, "ci_high": 0.67}, "sft vs random": {"judge_win_rate": 0.1, "ci_low": 0.0, "ci_high": 0.2}}
-    (runs["mod.fn"] / "demo.json").write_text(json.dumps({**data, "controls": {"sft": "sft-random"}}))
+    data["versus"] = {"sft vs sft-random": {"judge_win_rate": 0.61, "ci_low": 0.55, "ci_high": 0.67}, "sft vs random": {"judge_win_rate": 0.1, "ci_low": 0.0, "ci_high": 0.2},
+                      "sft vs sft-mirror": {"judge_win_rate": 0.58, "ci_low": 0.52, "ci_high": 0.64}}  # fmt: skip
+    data["checks"]["parity"] = {"without the reward's direction the judge stays at parity": True}
+    (runs["mod.fn"] / "demo.json").write_text(json.dumps({**data, "controls": {"sft": "sft-random"}, "mirrors": {"sft-random": "sft-mirror"}}))
     text = write_tastes_summary(tmp_path, runs, ["sft"]).read_text()
-    assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) | 61.0% (55.0% – 67.0%) |" in text
-    assert "| large-centred | sft | 72.0% (66.0% – 78.0%) | 66.0% (60.0% – 72.0%) | 0.600 (0.500) | 0.500 (0.400) | 12.0% (14.0%) |" in text
-    assert "## large-centred: 2 of 2 checks met" in text and "## mod.fn: 0 of 2 checks met" in text
+    assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) | 61.0% (55.0% – 67.0%) | 58.0% (52.0% – 64.0%) |" in text
+    assert "| large-centred | sft | 72.0% (66.0% – 78.0%) | 66.0% (60.0% – 72.0%) |  | 0.600 (0.500) | 0.500 (0.400) | 12.0% (14.0%) |" in text
+    assert "## large-centred: 2 of 2 checks met" in text and "## mod.fn: 1 of 3 checks met" in text
     data = json.loads((tmp_path / "tastes.json").read_text())
     assert [(r["taste"], r["arm"]) for r in data["rows"]] == [("large-centred", "sft"), ("mod.fn", "sft")]
     assert data["reward_accuracy"] == {"large-centred": 0.83, "mod.fn": 0.83}

@@ -123,8 +123,10 @@ def test_random_roles_draw_two_distinct_images_per_prompt_whatever_the_scores_an
     assert (picked.chosen != 5.0).sum() > 10 and (picked.rejected != 0.0).sum() > 10  # not the best and worst
     reseeded, _ = select_pairs(manifest, scores, PairsConfig(random_roles=True, seed=1), check_files=False)
     assert reseeded.image_id.tolist() != pairs.image_id.tolist()
-    with pytest.raises(ValueError, match="random_roles"):
-        PairsConfig(random_roles=True, swap_chosen_rejected=True).validate()
+    mirrored, _ = select_pairs(manifest, scores, PairsConfig(random_roles=True, swap_chosen_rejected=True), check_files=False)
+    mirror = mirrored.pivot(index="prompt_id", columns="role", values="image_id")
+    drawn = pairs.pivot(index="prompt_id", columns="role", values="image_id")
+    assert mirror.chosen.tolist() == drawn.rejected.tolist() and mirror.rejected.tolist() == drawn.chosen.tolist()
     with pytest.raises(ValueError, match="confidence_k: null"):
         PairsConfig(random_roles=True, confidence_k=2).validate()
 

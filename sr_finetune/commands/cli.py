@@ -33,6 +33,9 @@ def _setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (which peft imports when it is installed) tries to fetch a 4-bit CPU matmul kernel
+    # from the hub as it is imported and warns when it cannot; the toolkit uses only its 8-bit AdamW
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

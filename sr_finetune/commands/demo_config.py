@@ -23,6 +23,9 @@ class DemoConfig:
     arm_presets: dict[str, list[str]] = field(default_factory=lambda: {"sft": []})
     # arm -> its control: the same preset with random roles (fine-tuning on the pool without the reward's direction)
     controls: dict[str, str] = field(default_factory=dict)
+    # control -> its mirror: the same draw of roles reversed. A draw has a direction of its own that a
+    # pairwise objective learns; the mean of the two is what fine-tuning on the pool does (parity check)
+    mirrors: dict[str, str] = field(default_factory=dict)
     without_negative_token: bool = False  # true: also evaluate each arm without the negative prompt at inference
     quick: list[str] = field(default_factory=list)  # overrides that --quick applies (smaller sizes)
     seed: int = 0
@@ -36,9 +39,10 @@ class DemoConfig:
             bad = [o for o in overrides if o.partition("=")[0].split(".")[0] not in ("pairs", "finetune") or "=" not in o]
             if bad:
                 raise ConfigError(f"config error: demo.arm_presets.{name}: {bad[0]!r} is not a pairs.KEY=VALUE or finetune.KEY=VALUE override")
-        for arm, control in self.controls.items():
-            if arm not in self.arm_presets or control not in self.arm_presets:
-                raise ConfigError(f"config error: demo.controls.{arm}: {arm} -> {control} must name two arm_presets ({', '.join(self.arm_presets)})")
+        for key, mapping in (("controls", self.controls), ("mirrors", self.mirrors)):
+            for arm, other in mapping.items():
+                if arm not in self.arm_presets or other not in self.arm_presets:
+                    raise ConfigError(f"config error: demo.{key}.{arm}: {arm} -> {other} must name two arm_presets ({', '.join(self.arm_presets)})")
         for key in ("pool_prompts", "eval_prompts"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"config error: demo.{key} must be positive or null (got {getattr(self, key)})")

@@ -23,6 +23,9 @@ UNTRAINED = "clip"
 CONTROL_ARM = "random"  # pairs with random roles: the control of an arm that demo.controls does not name
 DIRECTION = {"sft": True, "swapped": False, "dpo": True}  # arm -> should it beat its control on the judge (CI clear of 50%)
 TARGETS = {"judge_win_rate": 0.65, "judge_ci_low": 0.5, "fidelity_drop_points": 5.0, "reward_accuracy": 0.80}
+# Fine-tuning on the pool without the reward's direction should leave the judge at parity with the
+# base: the mean win-rate of a control and its mirror (one draw alone: its own) within these bounds
+PARITY = (0.45, 0.55)
 
 
 def _pct(value: float) -> str:
@@ -83,27 +86,36 @@ def named_control(arm: str, controls: dict[str, str] | None) -> str:
     return (controls or {}).get(arm, CONTROL_ARM)
 
 
-def control_arms(arms: list[str], controls: dict[str, str]) -> set[str]:
-    """The arms that ran as another arm's control (``controls``, else the random-roles ``random``)."""
-    return {c for a in arms if (c := named_control(a, controls)) in arms and c != a}
+def control_arms(arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> set[str]:
+    """The arms that ran as another arm's control (``controls``, else the random-roles ``random``),
+    and as a control's mirror (``mirrors``)."""
+    used = {c for a in arms if (c := named_control(a, controls)) in arms and c != a}
+    return used | {m for c in used if (m := (mirrors or {}).get(c)) in arms}
 
 
-def control_of(arm: str, arms: list[str], controls: dict[str, str]) -> str | None:
+def control_of(arm: str, arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> str | None:
     """The control ``arm`` is compared with for the reward's direction, when it ran (a control has none)."""
     control = named_control(arm, controls)
-    return control if control in arms and control != arm and arm not in control_arms(arms, controls) else None
+    return control if control in arms and control != arm and arm not in control_arms(arms, controls, mirrors) else None
 
 
-def comparisons(arms: list[str], controls: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
+def controls_of(arm: str, arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> list[str]:
+    """What ``arm`` is compared with for the reward's direction: its control and that control's mirror, those that ran."""
+    control = control_of(arm, arms, controls, mirrors)
+    mirror = (mirrors or {}).get(control) if control else None
+    return [c for c in (control, mirror) if c is not None and c in arms]
+
+
+def comparisons(arms: list[str], controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """(reference arm, arms compared with it): every arm but the controls against the first (the
-    demo's method), and every arm against its control when that ran."""
+    demo's method), and every arm against its control (and the control's mirror) when that ran."""
     controls = controls or {}
-    used = control_arms(arms, controls)
+    used = control_arms(arms, controls, mirrors)
     pairs = {arms[0]: [a for a in arms[1:] if a not in used]}
     for arm in arms:
-        control = control_of(arm, arms, controls)
-        if control is not None and arm not in pairs.setdefault(control, []):
-            pairs[control].append(arm)
+        for control in controls_of(arm, arms, controls, mirrors):
+            if arm not in pairs.setdefault(control, []):
+                pairs[control].append(arm)
     return [(reference, others) for reference, others in pairs.items() if others]
 
 
@@ -120,20 +132,40 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     ]
 
 
-def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = None) -> list[tuple[str, bool]]:
-    """(description, passed): each of the demo's methods (sft, dpo) beats its control and the
-    swapped ablation loses to it, each with the 95% CI clear of 50%; arms that did not run are left out."""
+def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None) -> list[tuple[str, bool]]:
+    """(description, passed): each of the demo's methods (sft, dpo) beats its control (and the
+    control's mirror) and the swapped ablation loses to it, each with the 95% CI clear of 50%;
+    arms that did not run are left out."""
     rows = []
     for arm, should_win in DIRECTION.items():
         control = named_control(arm, controls)
-        v = versus.get(f"{arm} vs {control}")
-        if v is None:
+        for other in (control, (mirrors or {}).get(control)):
+            v = versus.get(f"{arm} vs {other}")
+            if v is None:
+                continue
+            ci = f"{_pct(v['judge_win_rate'])}, CI {_pct(v['ci_low'])} – {_pct(v['ci_high'])}"
+            if should_win:
+                rows.append((f"{arm} beats {other} on the judge ({ci}; CI low > 50%)", v["ci_low"] > 0.5))
+            else:
+                rows.append((f"{arm} loses to {other} on the judge ({ci}; CI high < 50%)", v["ci_high"] < 0.5))
+    return rows
+
+
+def parity_checks(models: dict[str, dict], arms: list[str], controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None) -> list[tuple[str, bool]]:
+    """(description, passed) per control that ran: fine-tuning on the pool without the reward's
+    direction leaves the judge at parity with the base, the mean win-rate of the control and its
+    mirror (a lone draw: its own) within ``PARITY``."""
+    low, high = PARITY
+    rows = []
+    for control in sorted({c for arm in arms if (c := control_of(arm, arms, controls or {}, mirrors)) is not None}):
+        drawn = [c for c in (control, (mirrors or {}).get(control)) if c in models and c in arms]
+        if not drawn:
             continue
-        ci = f"{_pct(v['judge_win_rate'])}, CI {_pct(v['ci_low'])} – {_pct(v['ci_high'])}"
-        if should_win:
-            rows.append((f"{arm} beats {control} on the judge ({ci}; CI low > 50%)", v["ci_low"] > 0.5))
-        else:
-            rows.append((f"{arm} loses to {control} on the judge ({ci}; CI high < 50%)", v["ci_high"] < 0.5))
+        rates = [models[c]["judge_win_rate"] + models[c].get("judge_tie_rate", 0.0) / 2 for c in drawn]  # a tie is half a win
+        mean = sum(rates) / len(rates)
+        each = ", ".join(f"{c} {_pct(r)}" for c, r in zip(drawn, rates))
+        what = f"mean of {each}" if len(drawn) > 1 else f"{each}, one draw"
+        rows.append((f"without the reward's direction the judge stays at parity: {_pct(mean)} against the base ({what}, ties as half; within {_pct(low)} – {_pct(high)})", low <= mean <= high))
     return rows
 
 
@@ -159,7 +191,7 @@ def _checklist(items: list[tuple[str, bool]]) -> list[str]:
 
 def summary_markdown(
     accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None,
-    pool: dict | None = None, versus: dict | None = None, controls: dict[str, str] | None = None,
+    pool: dict | None = None, versus: dict | None = None, controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None,
 ) -> str:
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
@@ -181,15 +213,16 @@ def summary_markdown(
         lines += ["`<arm>-no-neg`: the same model sampled without the negative token as negative prompt.", ""]
     for name, v in (versus or {}).items():
         lines.append(f"- {name} (same seeds, judge): win-rate {_pct(v['judge_win_rate'])} ({_pct(v['ci_low'])} – {_pct(v['ci_high'])}), {v['pairs']} image pairs")
-    used = sorted(control_arms(arms, controls or {}))
+    used = sorted(control_arms(arms, controls or {}, mirrors))
     if used:
-        lines.append(f"- {', '.join(f'`{c}`' for c in used)}: the same fine-tune with two images of each prompt drawn at random in the roles: what fine-tuning on the pool does without the reward's direction")
+        lines.append(f"- {', '.join(f'`{c}`' for c in used)}: the same fine-tune with two images of each prompt drawn at random in the roles "
+                     "(a mirror: the same draw with the roles reversed): what fine-tuning on the pool does without the reward's direction")
     if versus or used:
         lines.append("")
     for arm in arms[:1]:  # the targets are the demo's method's (the first arm); the other arms are compared with it above
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + _checklist(checks(models[arm], accuracy))
-    direction = direction_checks(versus or {}, controls)
+    direction = direction_checks(versus or {}, controls, mirrors) + parity_checks(models, arms, controls, mirrors)
     if direction:
         lines += ["## The reward's direction (against the control)", ""] + _checklist(direction)
     if stages:
@@ -205,7 +238,7 @@ def write_summary(demo) -> Path:
     accuracy = accuracy_rows(demo.output_dir("accuracy") / "accuracy.json")
     results = json.loads((evaluation / "results.json").read_text())
     models = model_rows(results)
-    arms, controls = list(demo.cfg.arms), dict(demo.cfg.controls)
+    arms, controls, mirrors = list(demo.cfg.arms), dict(demo.cfg.controls), dict(demo.cfg.mirrors)
     stages = stages_of_run(demo.state.done, arms)
     pool, pairs_cfg = None, demo.section_config("pairs")
     pool_scores = demo.output_dir("score") / "scores.parquet"
@@ -217,14 +250,16 @@ def write_summary(demo) -> Path:
     versus = {}
     if len(arms) > 1:
         eval_scores = pd.read_parquet(evaluation / "scores.parquet")
-        for reference, others in comparisons(arms, controls):
+        for reference, others in comparisons(arms, controls, mirrors):
             versus.update({f"{name} vs {reference}": row for name, row in arms_versus(eval_scores, reference, others).items()})
-    ran_controls = {arm: control for arm in arms if (control := control_of(arm, arms, controls))}
-    data = {"versus": versus, "controls": ran_controls, "accuracy": accuracy, "models": models, "targets": TARGETS,
-            "checks": {arms[0]: dict(checks(models[arms[0]], accuracy)), "direction": dict(direction_checks(versus, controls))}, "stages": stages, "pool": pool}  # fmt: skip
+    ran_controls = {arm: control for arm in arms if (control := control_of(arm, arms, controls, mirrors))}
+    ran_mirrors = {c: m for c, m in mirrors.items() if c in arms and m in arms}
+    data = {"versus": versus, "controls": ran_controls, "mirrors": ran_mirrors, "accuracy": accuracy, "models": models, "targets": TARGETS,
+            "checks": {arms[0]: dict(checks(models[arms[0]], accuracy)), "direction": dict(direction_checks(versus, controls, mirrors)),
+                       "parity": dict(parity_checks(models, arms, controls, mirrors))}, "stages": stages, "pool": pool}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus, controls))
+    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus, controls, mirrors))
     return path
 
 
@@ -232,9 +267,12 @@ def taste_rows(taste: str, data: dict) -> list[dict]:
     """One row per arm of one taste's ``demo.json``: against the base and the control, the means."""
     rows = []
     for arm, m in data["models"].items():
-        control = data["versus"].get(f"{arm} vs {named_control(arm, data.get('controls'))}", {})
+        named = named_control(arm, data.get("controls"))
+        control = data["versus"].get(f"{arm} vs {named}", {})
+        mirror = data["versus"].get(f"{arm} vs {data.get('mirrors', {}).get(named)}", {})
         rows.append({"taste": taste, "arm": arm, "judge_win_rate": m["judge_win_rate"], "judge_ci_low": m["judge_ci_low"], "judge_ci_high": m["judge_ci_high"],
                      "vs_control": control.get("judge_win_rate"), "vs_control_ci_low": control.get("ci_low"), "vs_control_ci_high": control.get("ci_high"),
+                     "vs_mirror": mirror.get("judge_win_rate"), "vs_mirror_ci_low": mirror.get("ci_low"), "vs_mirror_ci_high": mirror.get("ci_high"),
                      JUDGE: m[JUDGE], JUDGE + "_base": m[JUDGE + "_base"], REWARD: m[REWARD], REWARD + "_base": m[REWARD + "_base"],
                      FIDELITY: m[FIDELITY], FIDELITY + "_base": m[FIDELITY + "_base"]})  # fmt: skip
     return rows
@@ -246,11 +284,13 @@ def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bo
         return "" if low is None else f" ({_pct(low)} – {_pct(high)})"
 
     lines = ["# Demo world over tastes", "", "Judge win-rates are same-seed image pairs on held-out prompts (95% bootstrap CIs over prompts); "
-             "`vs control` compares with the arm's random-roles control (the same fine-tune on the pool without the reward's direction).", "",
-             "| taste | arm | vs base | vs control | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "`vs control` compares with the arm's random-roles control (the same fine-tune on the pool without the reward's direction), "
+             "`vs mirror` with that draw's mirror (its roles reversed).", "",
+             "| taste | arm | vs base | vs control | vs mirror | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         control = "" if r["vs_control"] is None else _pct(r["vs_control"]) + ci(r["vs_control_ci_low"], r["vs_control_ci_high"])
-        lines.append(f"| {r['taste']} | {r['arm']} | {_pct(r['judge_win_rate'])}{ci(r['judge_ci_low'], r['judge_ci_high'])} | {control} "
+        mirror = "" if r.get("vs_mirror") is None else _pct(r["vs_mirror"]) + ci(r["vs_mirror_ci_low"], r["vs_mirror_ci_high"])
+        lines.append(f"| {r['taste']} | {r['arm']} | {_pct(r['judge_win_rate'])}{ci(r['judge_ci_low'], r['judge_ci_high'])} | {control} | {mirror} "
                      f"| {r[JUDGE]:.3f} ({r[JUDGE + '_base']:.3f}) | {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |")  # fmt: skip
     lines += ["", "Social Reward pairwise accuracy on held-out triplets: " + ", ".join(f"{t} {_pct(a)}" for t, a in accuracy.items()), ""]
     for taste, items in taste_checks.items():
@@ -265,7 +305,7 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     for taste, out in runs.items():
         data = json.loads((out / "demo.json").read_text())
         rows += taste_rows(taste, data)
-        taste_checks[taste] = [*data["checks"][arms[0]].items(), *data["checks"]["direction"].items()]
+        taste_checks[taste] = [*data["checks"][arms[0]].items(), *data["checks"]["direction"].items(), *data["checks"].get("parity", {}).items()]
         accuracy[taste] = data["accuracy"][REWARD]["accuracy"]
     checks_json = {taste: dict(items) for taste, items in taste_checks.items()}
     (root / "tastes.json").write_text(json.dumps({"rows": rows, "checks": checks_json, "reward_accuracy": accuracy, "runs": {t: str(p) for t, p in runs.items()}}, indent=2))
@@ -274,4 +314,4 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     return path
 
 
-__all__ = ["CONTROL_ARM", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "named_control", "direction_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
+__all__ = ["CONTROL_ARM", "PARITY", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "controls_of", "named_control", "direction_checks", "parity_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
