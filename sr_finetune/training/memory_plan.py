@@ -45,13 +45,14 @@ def architecture_configs(model: str) -> dict[str, dict]:
     raise UserError(f"plan: no architecture known for model {model!r}: give a local pipeline folder or one of {', '.join(VARIANTS.values())}")
 
 
+def lora_targets(unet: torch.nn.Module, targets: list[str]) -> list[torch.nn.Linear]:
+    """The linear layers LoRA adapts: those whose name is, or ends in, one of ``targets``."""
+    return [m for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def lora_parameter_count(unet: torch.nn.Module, rank: int, targets: list[str]) -> int:
     """Parameters of rank-``rank`` LoRA adapters (A: r x in, B: out x r) on the targeted linear layers."""
-    return sum(
-        rank * (m.in_features + m.out_features)
-        for name, m in unet.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    )
+    return sum(rank * (m.in_features + m.out_features) for m in lora_targets(unet, targets))
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -220,12 +221,7 @@ def _largest_trained_tensor(models: dict, cfg: FinetuneConfig) -> int:
     """Elements of the largest tensor the optimizer steps (under LoRA: its largest adapter matrix)."""
     sizes = []
     if cfg.train_unet and cfg.lora.rank:
-        targets = list(cfg.lora.target_modules)
-        sizes += [
-            cfg.lora.rank * max(m.in_features, m.out_features)  # A is rank x in, B out x rank
-            for name, m in models["unet"].named_modules()
-            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-        ]
+        sizes += [cfg.lora.rank * max(m.in_features, m.out_features) for m in lora_targets(models["unet"], list(cfg.lora.target_modules))]  # A: r x in, B: out x r
     elif cfg.train_unet:
         sizes += [p.numel() for p in models["unet"].parameters()]
     if cfg.train_text_encoder:
