@@ -86,11 +86,16 @@ def named_control(arm: str, controls: dict[str, str] | None) -> str:
     return (controls or {}).get(arm, CONTROL_ARM)
 
 
+def mirror_of(control: str | None, mirrors: dict[str, str] | None) -> str | None:
+    """The mirror ``mirrors`` (demo.mirrors) names for ``control``: its draw with the roles reversed."""
+    return (mirrors or {}).get(control) if control else None
+
+
 def control_arms(arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> set[str]:
     """The arms that ran as another arm's control (``controls``, else the random-roles ``random``),
     and as a control's mirror (``mirrors``)."""
     used = {c for a in arms if (c := named_control(a, controls)) in arms and c != a}
-    return used | {m for c in used if (m := (mirrors or {}).get(c)) in arms}
+    return used | {m for c in used if (m := mirror_of(c, mirrors)) in arms}
 
 
 def control_of(arm: str, arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> str | None:
@@ -102,8 +107,7 @@ def control_of(arm: str, arms: list[str], controls: dict[str, str], mirrors: dic
 def controls_of(arm: str, arms: list[str], controls: dict[str, str], mirrors: dict[str, str] | None = None) -> list[str]:
     """What ``arm`` is compared with for the reward's direction: its control and that control's mirror, those that ran."""
     control = control_of(arm, arms, controls, mirrors)
-    mirror = (mirrors or {}).get(control) if control else None
-    return [c for c in (control, mirror) if c is not None and c in arms]
+    return [c for c in (control, mirror_of(control, mirrors)) if c is not None and c in arms]
 
 
 def comparisons(arms: list[str], controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
@@ -139,7 +143,7 @@ def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = 
     rows = []
     for arm, should_win in DIRECTION.items():
         control = named_control(arm, controls)
-        for other in (control, (mirrors or {}).get(control)):
+        for other in (control, mirror_of(control, mirrors)):
             v = versus.get(f"{arm} vs {other}")
             if v is None:
                 continue
@@ -157,8 +161,8 @@ def parity_checks(models: dict[str, dict], arms: list[str], controls: dict[str, 
     mirror (a lone draw: its own) within ``PARITY``."""
     low, high = PARITY
     rows = []
-    for control in sorted({c for arm in arms if (c := control_of(arm, arms, controls or {}, mirrors)) is not None}):
-        drawn = [c for c in (control, (mirrors or {}).get(control)) if c in models and c in arms]
+    for ran in sorted({tuple(ran) for arm in arms if (ran := controls_of(arm, arms, controls or {}, mirrors))}):
+        drawn = [c for c in ran if c in models]
         if not drawn:
             continue
         rates = [models[c]["judge_win_rate"] + models[c].get("judge_tie_rate", 0.0) / 2 for c in drawn]  # a tie is half a win
@@ -269,7 +273,7 @@ def taste_rows(taste: str, data: dict) -> list[dict]:
     for arm, m in data["models"].items():
         named = named_control(arm, data.get("controls"))
         control = data["versus"].get(f"{arm} vs {named}", {})
-        mirror = data["versus"].get(f"{arm} vs {data.get('mirrors', {}).get(named)}", {})
+        mirror = data["versus"].get(f"{arm} vs {mirror_of(named, data.get('mirrors'))}", {})
         rows.append({"taste": taste, "arm": arm, "judge_win_rate": m["judge_win_rate"], "judge_ci_low": m["judge_ci_low"], "judge_ci_high": m["judge_ci_high"],
                      "vs_control": control.get("judge_win_rate"), "vs_control_ci_low": control.get("ci_low"), "vs_control_ci_high": control.get("ci_high"),
                      "vs_mirror": mirror.get("judge_win_rate"), "vs_mirror_ci_low": mirror.get("ci_low"), "vs_mirror_ci_high": mirror.get("ci_high"),
@@ -314,4 +318,4 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     return path
 
 
-__all__ = ["CONTROL_ARM", "PARITY", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "controls_of", "named_control", "direction_checks", "parity_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
+__all__ = ["CONTROL_ARM", "PARITY", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "controls_of", "mirror_of", "named_control", "direction_checks", "parity_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import vae_scale_factor
+from ..models import resolve_device, vae_scale_factor
 from ..real_size import CONFIG_FILES, VARIANTS, build_model, real_size_configs
 from .config import ONLINE_OBJECTIVES, FinetuneConfig
 
@@ -174,7 +174,7 @@ class MemoryPlan:
 def plan_memory(cfg: FinetuneConfig, device: str | None = None) -> MemoryPlan:
     """What one training process of ``cfg`` holds, from the model's configs on the meta device, on
     ``device`` (``cpu`` or ``cuda``; default: where ``cfg`` would train on this machine)."""
-    device = device or ("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+    device = device or resolve_device(cfg.device).type
     configs = architecture_configs(cfg.model)
     models = {name: build_model(name, configs[name], empty=True) for name in ("unet", "text_encoder", "vae")}
     totals = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
