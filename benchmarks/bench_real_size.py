@@ -322,8 +322,8 @@ def fit_table(batches: tuple[int, ...] = (1, 8)) -> str:
             for precision in ("no", "bf16"):
                 cells = []
                 for variant, batch in columns:
-                    spec = training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa")
-                    plan = plan_memory(config_from_spec(dict(spec, train_batch_size=batch)), device="cuda")
+                    spec = training_spec(Path(VARIANTS[variant]), variant, TRAINING[name], precision, optimizer, "cuda", "sdpa", batch)
+                    plan = plan_memory(config_from_spec(spec), device="cuda")
                     card = next((f"{gb} GB" for gb, ok in plan.fits().items() if ok), f"> {CARDS_GB[-1]} GB")
                     cells.append(f"{plan.peak / GIB:.1f}: {card}")
                 lines.append(f"| {name} | {optimizer} | {label(precision)} | " + " | ".join(cells) + " |")
