@@ -6,7 +6,7 @@ import pytest
 
 from sr_finetune.real_size import PUBLISHED_PARAMETERS
 from sr_finetune.training.config import FinetuneConfig, LoraSettings
-from sr_finetune.training.memory_plan import plan_memory
+from sr_finetune.training.memory_plan import FORWARD, STEP, plan_memory
 
 
 def _plan(model, **settings):
@@ -18,7 +18,11 @@ def test_plan_counts_the_parameters_of_the_real_model_from_its_hub_id():
     assert {name: total for name, (total, _) in plan.parameters.items()} == PUBLISHED_PARAMETERS
     assert {name: trained for name, (_, trained) in plan.parameters.items()} == {"unet": PUBLISHED_PARAMETERS["unet"], "text_encoder": 0, "vae": 0}
     assert plan.largest == "optimizer state (adamw, 8 B/param)"
-    assert plan.peak == sum(plan.items.values())
+    # the gradients of 866 M parameters outweigh one row's activations: the peak is at the step,
+    # which runs after the backward has freed the activations
+    held = sum(size for name, size in plan.items.items() if name not in plan.phases)
+    assert plan.peak_phase == STEP and plan.peak == held + plan.items["gradients (fp32)"]
+    assert plan.phase_bytes(FORWARD) == sum(size for name, size in plan.items.items() if name.startswith("activations")) > 0
 
 
 def test_weights_gradients_and_optimizer_follow_the_trained_parameters(tiny_sd):
@@ -83,12 +87,47 @@ def test_activation_estimate_grows_with_batch_and_shrinks_with_checkpointing(tin
     assert unet_activations(train_batch_size=2, attention="eager") > two  # the attention matrix is kept
 
 
+def _activations(plan) -> int:
+    return sum(size for name, size in plan.items.items() if name.startswith("activations"))
+
+
+def test_a_lora_run_at_a_large_batch_peaks_in_its_backward_not_at_its_step(tiny_sd):
+    plan = _plan(tiny_sd, train_text_encoder=False, lora=LoraSettings(rank=4), train_batch_size=8, resolution=64)
+    assert plan.peak_phase == FORWARD
+    held = sum(size for name, size in plan.items.items() if name not in plan.phases)
+    assert plan.peak == held + _activations(plan) and plan.phase_bytes(STEP) < _activations(plan)
+
+
+def test_mixed_precision_is_traced_under_the_cpus_autocast_and_in_fp32_for_a_gpu(tiny_sd):
+    settings = dict(train_text_encoder=False, train_batch_size=2, resolution=64, gradient_checkpointing=True)
+    fp32 = _activations(plan_memory(FinetuneConfig(model=str(tiny_sd), **settings), device="cpu"))
+    bf16 = plan_memory(FinetuneConfig(model=str(tiny_sd), mixed_precision="bf16", **settings), device="cpu")
+    # convolutions and matmuls save their inputs in bf16: more than a quarter, less than the fp32 trace
+    assert fp32 / 4 < _activations(bf16) < fp32
+    assert bf16.items["autocast's half copies of the trained weights"] == 2 * bf16.parameters["unet"][1]
+    on_gpu = plan_memory(FinetuneConfig(model=str(tiny_sd), mixed_precision="bf16", **settings), device="cuda")
+    assert _activations(on_gpu) == fp32 and any("traced in fp32" in note for note in on_gpu.notes)
+
+
+def test_lora_traces_only_what_the_adapted_layers_save(tiny_sd):
+    settings = dict(train_text_encoder=False, train_batch_size=2, resolution=64)
+    full, lora = _activations(_plan(tiny_sd, **settings)), _activations(_plan(tiny_sd, lora=LoraSettings(rank=4), **settings))
+    assert 0 < lora < full
+
+
 def test_cli_prints_the_plan_with_the_cards_it_fits(tiny_sd, capsys):
     from sr_finetune.commands.cli import main
 
     assert main(["plan", f"model={tiny_sd}"]) == 0
     out = capsys.readouterr().out
     assert "predicted peak" in out and "fits: 24 GB yes, 40 GB yes, 80 GB yes" in out
+    assert "memory, held throughout:" in out and "memory, optimizer step:" in out
+    # planned for a GPU from this machine: 8-bit AdamW's CPU step temporaries are left out
+    assert main(["plan", "--device", "cuda", f"model={tiny_sd}", "optimizer=adamw8bit"]) == 0
+    on_gpu = capsys.readouterr().out
+    assert "8-bit AdamW step on the CPU" not in on_gpu
+    assert main(["plan", "--device", "cpu", f"model={tiny_sd}", "optimizer=adamw8bit"]) == 0
+    assert "8-bit AdamW step on the CPU" in capsys.readouterr().out
     assert "activations are an estimate" in out
 
 

@@ -5,7 +5,7 @@
     sr-finetune tiny-rewards OUT_DIR [--seed N]
     sr-finetune tiny-world ROOT [--seed N]
     sr-finetune curate | train-reward | accuracy | generate | score | build-pairs | finetune | evaluate [--config FILE] [key=value ...]
-    sr-finetune plan --config FILE [key=value ...]
+    sr-finetune plan --config FILE [--device cpu|cuda] [key=value ...]
     sr-finetune run --config FILE [--stages generate,score,...] [section.key=value ...]
     sr-finetune push DIR --repo ID [--eval EVAL_DIR [--eval-model NAME]] [--private | --public] [--revision BRANCH]
     sr-finetune analyze-prompts | train-aesthetic | validate-scorer [--config FILE] [key=value ...]
@@ -99,7 +99,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from .experiment import ExperimentConfig
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides, section="finetune").finetune
-    print("\n".join(plan_memory(cfg).lines()))
+    print("\n".join(plan_memory(cfg, device=args.device).lines()))
     return 0
 
 
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="memory plan of a finetune config (parameters, weights, gradients, optimizer, EMA, reference, estimated activations, peak, which GPU it fits); loads no weights")
     plan.add_argument("--config", help="YAML config file with a finetune section (see recipes/configs/)")
+    plan.add_argument("--device", choices=["cpu", "cuda"], help="plan for this device (default: where the config would train here): a GPU runs 8-bit AdamW without the CPU's step temporaries, and its autocast is traced in fp32 (an upper bound)")
     plan.add_argument("overrides", nargs="*", help="key=value overrides of the finetune section, e.g. train_batch_size=2")
     plan.set_defaults(func=_run_plan)
 

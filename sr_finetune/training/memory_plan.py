@@ -5,7 +5,12 @@ configs of the two SD 2.1 hub ids, see ``sr_finetune.real_size``), so the plan c
 Weights, gradients, optimizer state, EMA and the DPO reference follow from the parameter counts and
 the trainer's dtypes (trained modules fp32; frozen ones in the mixed-precision dtype). The
 activations are an estimate: the bytes of the tensors autograd saves for backward in one training
-forward, traced on the meta device (see :func:`saved_activation_bytes`).
+forward, traced with fake tensors (shapes and dtypes, no memory; see :func:`saved_activation_bytes`).
+
+The peak is taken by phase: what is held throughout (weights, optimizer state, EMA, the DPO
+reference), plus the larger of the forward-backward phase (activations, autocast's half copies of
+the trained weights) and the optimizer step (gradients, and on the CPU 8-bit AdamW's temporaries).
+The backward frees activations as it writes gradients, and the step runs after it has freed them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import resolve_device, vae_scale_factor
+from ..models import resolve_device, set_attention_backend
 from ..real_size import CONFIG_FILES, VARIANTS, build_model, real_size_configs
 from .config import ONLINE_OBJECTIVES, FinetuneConfig
 
@@ -56,7 +61,7 @@ def lora_parameter_count(unet: torch.nn.Module, rank: int, targets: list[str]) -
 
 
 class _FusedAttention(torch.autograd.Function):
-    """Stands in for ``scaled_dot_product_attention`` while tracing: on the meta device torch runs
+    """Stands in for ``scaled_dot_product_attention`` while tracing: on fake or meta tensors torch runs
     the math kernel, which keeps the n x n attention matrix, while sdpa (flash / memory-efficient)
     and xformers on a GPU keep only q, k, v, the output and a log-sum-exp per query."""
 
@@ -99,7 +104,7 @@ def _counting_saved_tensors(total: list[int]):
 
 
 def saved_activation_bytes(model: torch.nn.Module, inputs: dict, checkpointing: bool) -> int:
-    """Bytes autograd keeps for backward in one forward of ``model`` (on the meta device).
+    """Bytes autograd keeps for backward in one forward of ``model`` (fake or meta tensors).
 
     With gradient checkpointing, what is kept outside the checkpointed blocks plus the largest
     block's own activations, which its recomputation in backward holds at once. An estimate: it
@@ -139,16 +144,28 @@ def _set_checkpointing(model: torch.nn.Module, on: bool) -> None:
         (model.gradient_checkpointing_enable if on else model.gradient_checkpointing_disable)()
 
 
+FORWARD, STEP = "forward and backward", "optimizer step"
+
+
 @dataclass
 class MemoryPlan:
     model: str
     parameters: dict[str, tuple[int, int]]  # module -> (total, trainable)
     items: dict[str, int]  # what -> bytes, per process
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, str] = field(default_factory=dict)  # item -> FORWARD or STEP; the others are held throughout
+
+    def phase_bytes(self, phase: str | None) -> int:
+        """Bytes of the items of ``phase`` (None: those held throughout)."""
+        return sum(size for name, size in self.items.items() if self.phases.get(name) == phase)
+
+    @property
+    def peak_phase(self) -> str:
+        return FORWARD if self.phase_bytes(FORWARD) > self.phase_bytes(STEP) else STEP
 
     @property
     def peak(self) -> int:
-        return sum(self.items.values())
+        return self.phase_bytes(None) + max(self.phase_bytes(FORWARD), self.phase_bytes(STEP))
 
     @property
     def largest(self) -> str:
@@ -161,10 +178,12 @@ class MemoryPlan:
         out = [f"memory plan of {self.model}, per process (GiB = 2^30 bytes)", "parameters:"]
         for name, (total, trainable) in self.parameters.items():
             out.append(f"  {name:<14} {total:>13,} total  {trainable:>13,} trainable")
-        out.append("memory:")
-        for name, size in self.items.items():
-            out.append(f"  {name:<44} {size / GIB:8.2f} GiB")
-        out.append(f"  {'predicted peak':<44} {self.peak / GIB:8.2f} GiB  (largest: {self.largest})")
+        for phase, title in ((None, "held throughout"), (FORWARD, f"{FORWARD} (freed before the step)"), (STEP, STEP)):
+            out.append(f"memory, {title}:")
+            for name, size in self.items.items():
+                if self.phases.get(name) == phase:
+                    out.append(f"  {name:<44} {size / GIB:8.2f} GiB")
+        out.append(f"  {'predicted peak':<44} {self.peak / GIB:8.2f} GiB  (at the {self.peak_phase}; largest item: {self.largest})")
         fits = self.fits()
         out.append("fits: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in fits.items()) + f"  (using {USABLE_SHARE:.0%} of a card)")
         out += [f"note: {n}" for n in self.notes]
@@ -194,11 +213,8 @@ def plan_memory(cfg: FinetuneConfig, device: str | None = None) -> MemoryPlan:
     }
     n_trained = sum(trained.values())
     items = {f"weights {name}": size for name, size in weight_bytes.items()}
-    items["gradients (fp32)"] = n_trained * 4
+    phases = {}
     items[f"optimizer state ({cfg.optimizer}, {OPTIMIZER_BYTES[cfg.optimizer]} B/param)"] = n_trained * OPTIMIZER_BYTES[cfg.optimizer]
-    if cfg.optimizer == "adamw8bit" and device == "cpu":
-        largest = _largest_trained_tensor(models, cfg)
-        items[f"8-bit AdamW step on the CPU ({CPU_8BIT_STEP_BYTES} B x {largest:,}, the largest trained tensor)"] = CPU_8BIT_STEP_BYTES * largest
     if cfg.use_ema:
         items["EMA (fp32 copy of the trained parameters)"] = n_trained * 4
     notes = []
@@ -207,14 +223,27 @@ def plan_memory(cfg: FinetuneConfig, device: str | None = None) -> MemoryPlan:
         items["reference copy (frozen starting model)"] = reference * half
         if cfg.lora.rank:
             notes.append("with LoRA the reference is the trained UNet with its adapters off: no copy")
-    items.update(_activation_items(cfg, models, notes))
+    forward = _activation_items(cfg, configs, device, notes)
+    if cfg.mixed_precision != "no" and cfg.gradient_checkpointing and forward:
+        # autocast caches its half copy of every trained fp32 weight until the forward returns; without
+        # checkpointing the copies are saved for backward and the trace counts them
+        forward["autocast's half copies of the trained weights"] = n_trained * 2
+    items.update(forward)
+    phases.update(dict.fromkeys(forward, FORWARD))
+    step = {"gradients (fp32)": n_trained * 4}
+    if cfg.optimizer == "adamw8bit" and device == "cpu":
+        largest = _largest_trained_tensor(models, cfg)
+        step[f"8-bit AdamW step on the CPU ({CPU_8BIT_STEP_BYTES} B x {largest:,}, the largest trained tensor)"] = CPU_8BIT_STEP_BYTES * largest
+    items.update(step)
+    phases.update(dict.fromkeys(step, STEP))
     notes.append(
-        "activations are an estimate: the tensors autograd saves for backward in one training forward, traced on the meta device "
+        "activations are an estimate: the tensors autograd saves for backward in one training forward, traced with fake tensors "
         "(with gradient checkpointing: those kept between checkpointed blocks plus the largest block, recomputed in backward; "
         "attention as a fused kernel keeps it for sdpa and xformers, the n x n matrix only for attention=eager); "
         "one operation's temporaries, the CUDA context and allocator overhead are not in it"
     )
-    return MemoryPlan(cfg.model, parameters, items, notes)
+    notes.append(f"peak: what is held throughout plus the larger of the {FORWARD} (activations) and the {STEP} (gradients): the backward frees activations as it writes gradients")
+    return MemoryPlan(cfg.model, parameters, items, notes, phases)
 
 
 def _largest_trained_tensor(models: dict, cfg: FinetuneConfig) -> int:
@@ -229,31 +258,39 @@ def _largest_trained_tensor(models: dict, cfg: FinetuneConfig) -> int:
     return max(sizes, default=0)
 
 
-def _activation_items(cfg: FinetuneConfig, models: dict, notes: list[str]) -> dict[str, int]:
+def _activation_items(cfg: FinetuneConfig, configs: dict[str, dict], device: str, notes: list[str]) -> dict[str, int]:
     if cfg.objective in ONLINE_OBJECTIVES:
         notes.append(f"objective={cfg.objective}: activations of sampling through the denoising steps are not estimated (not in the peak)")
         return {}
-    # Traced in fp32 under mixed precision too: autocast runs convolutions and matmuls in the half
-    # dtype but keeps the norms, softmax and most elementwise ops in fp32, and saves half copies
-    # of their inputs beside the fp32 tensors. Measured (bench_real_size, 2-1-base, LoRA, CPU), the
-    # bf16 step held no less above its weights than the fp32 one (0.96 against 0.90 GiB), where a
-    # trace in bf16 predicted half (0.23 GiB) and put the plan 17% under the measured peak.
-    dtype = torch.float32
     rows = cfg.train_batch_size * (2 if cfg.objective == "dpo" else 1)  # dpo: chosen and rejected in one forward
     if cfg.objective == "dpo" and cfg.dpo_sft_weight:
         notes.append("dpo: the regularization rows added to the UNet forward (dpo_sft_weight > 0) are not counted")
-    if cfg.lora.rank:
-        notes.append("LoRA: activations traced as for a full UNet fine-tune (an upper bound)")
-    side = cfg.resolution // vae_scale_factor(models["vae"])  # the VAE's latent (SD: 1/8)
-    items = {}
-    with fused_attention() if cfg.attention != "eager" else nullcontext(), _quiet_casts():
-        items.update(_traced_activations(cfg, models, rows, side, dtype))
-    return items
+    # Mixed precision is traced under the CPU's autocast (convolutions and matmuls in the half dtype,
+    # their inputs saved in it). Without a GPU the CUDA autocast cannot be traced, and it keeps norms
+    # and softmax in fp32: a GPU plan traces in fp32, an upper bound of what autocast saves.
+    autocast = cfg.mixed_precision != "no" and device == "cpu"
+    if cfg.mixed_precision != "no" and not autocast:
+        notes.append(f"{cfg.mixed_precision} on {device}: activations traced in fp32 (CUDA's autocast cannot be traced without a GPU; an upper bound)")
+    with _fake_models(configs) as models, fused_attention() if cfg.attention != "eager" else nullcontext(), _quiet_casts():
+        if cfg.attention == "eager":  # the attention matrix computed and kept, as the trainer runs it
+            set_attention_backend(models["unet"], "eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16) if autocast else nullcontext():
+            return _traced_activations(cfg, models, rows, side=cfg.resolution // 2 ** (len(configs["vae"]["block_out_channels"]) - 1))  # the VAE's latent (SD: 1/8)
+
+
+@contextmanager
+def _fake_models(configs: dict[str, dict]):
+    """The UNet and text encoder built from ``configs`` as fake CPU tensors: real shapes, dtypes and
+    dispatch (autocast included), no memory."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        yield {name: build_model(name, configs[name]) for name in ("unet", "text_encoder")}
 
 
 @contextmanager
 def _quiet_casts():
-    """No diffusers warning about casting a meta UNet to bf16, no transformers deprecation notes."""
+    """No diffusers or transformers warnings (casts, deprecations) while tracing."""
     import warnings
 
     from diffusers.utils import logging as diffusers_logging
@@ -268,21 +305,24 @@ def _quiet_casts():
         diffusers_logging.set_verbosity(level)
 
 
-def _traced_activations(cfg: FinetuneConfig, models: dict, rows: int, side: int, dtype: torch.dtype) -> dict[str, int]:
+def _traced_activations(cfg: FinetuneConfig, models: dict, rows: int, side: int) -> dict[str, int]:
     items = {}
     unet, text_encoder = models["unet"], models["text_encoder"]
     hidden = text_encoder.config.hidden_size
     if cfg.train_unet:
-        unet.to(dtype).train().requires_grad_(True)
+        unet.train().requires_grad_(not cfg.lora.rank)
+        if cfg.lora.rank:  # the adapted layers' inputs are saved for the adapters' gradients; frozen layers save none of theirs
+            for layer in lora_targets(unet, list(cfg.lora.target_modules)):
+                layer.weight.requires_grad_(True)
         inputs = {
-            "sample": torch.empty(rows, unet.config.in_channels, side, side, device="meta", dtype=dtype),
-            "timestep": torch.zeros(rows, device="meta", dtype=torch.long),
-            "encoder_hidden_states": torch.empty(rows, text_encoder.config.max_position_embeddings, hidden, device="meta", dtype=dtype, requires_grad=cfg.train_text_encoder),
+            "sample": torch.empty(rows, unet.config.in_channels, side, side),
+            "timestep": torch.zeros(rows, dtype=torch.long),
+            "encoder_hidden_states": torch.empty(rows, text_encoder.config.max_position_embeddings, hidden, requires_grad=cfg.train_text_encoder),
         }
         items[f"activations unet (estimate: {rows} rows at {cfg.resolution} px)"] = saved_activation_bytes(unet, inputs, cfg.gradient_checkpointing)
     if cfg.train_text_encoder:
-        text_encoder.to(dtype).train().requires_grad_(True)
-        ids = {"input_ids": torch.zeros(rows, text_encoder.config.max_position_embeddings, device="meta", dtype=torch.long)}
+        text_encoder.train().requires_grad_(True)
+        ids = {"input_ids": torch.zeros(rows, text_encoder.config.max_position_embeddings, dtype=torch.long)}
         items[f"activations text encoder (estimate: {rows} rows)"] = saved_activation_bytes(text_encoder, ids, cfg.gradient_checkpointing)
     return items
 
