@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,17 @@ def test_dpo_step_noises_both_images_of_a_pair_alike_in_one_unet_forward():
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * metrics["sft_loss"].item(), rel=1e-4)
     loss.backward()
     assert unet.scale.grad is not None and ref_unet.scale.grad is None
+    # the anchor: the denoising loss of the pairs' own images, both roles, on the same forward
+    anchored, anchored_metrics = trainer_module.compute_dpo_loss(
+        batch, unet=unet, text_encoder=None, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.0)), noise_scheduler=DDPMScheduler(),
+        prediction_type="epsilon", cfg=replace(cfg, dpo_anchor_weight=2.0), generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32,
+        unet_dtype=torch.float32, reference=Reference(ref_unet),
+    )
+    noisy, _, _ = unet.calls[-1]
+    assert len(unet.calls) == 2 and torch.equal(noisy, unet.calls[0][0])  # the same draw of noise: one extra loss term, no extra forward
+    assert anchored_metrics["anchor_loss"].item() > 0
+    expected = math.log(2) + 0.5 * anchored_metrics["sft_loss"].item() + 2.0 * anchored_metrics["anchor_loss"].item()
+    assert anchored.item() == pytest.approx(expected, rel=1e-4)
 
 
 # ---- the trainer -------------------------------------------------------------------------------
@@ -352,6 +364,7 @@ def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, fin
         ("objective=ppo", "objective: must be one of ('sft', 'dpo', 'backprop', 'pg')"),
         ("objective=dpo dpo_beta=0", "dpo_beta: must be positive"),
         ("objective=dpo dpo_sft_weight=-1", "dpo_sft_weight: must be >= 0"),
+        ("objective=dpo dpo_anchor_weight=-1", "dpo_anchor_weight: must be >= 0"),
         ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),
     ],
 )

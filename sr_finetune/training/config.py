@@ -109,6 +109,10 @@ class FinetuneConfig:
     # it goes with the 1/2 and the per-element mean of losses.diffusion_dpo_loss.
     dpo_beta: float = 5000.0
     dpo_sft_weight: float = 0.0  # dpo: weight of an added denoising loss on the regularization rows (0 = off)
+    # dpo: weight of a denoising loss on the pairs' own images, chosen and rejected alike (0 = off). DPO
+    # moves the difference of their errors; this holds their sum, the model's fit to its own samples,
+    # whatever the roles. Its gradient is comparable with the DPO term's near dpo_beta / 4.
+    dpo_anchor_weight: float = 0.0
     # data
     resolution: int = 512
     center_crop: bool = True
@@ -185,6 +189,7 @@ class FinetuneConfig:
         require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}, got '{self.objective}'")
         require(self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}")
         require(self.dpo_sft_weight >= 0, "dpo_sft_weight", f"must be >= 0 (0 turns the regularisation term off), got {self.dpo_sft_weight}")
+        require(self.dpo_anchor_weight >= 0, "dpo_anchor_weight", f"must be >= 0 (0 turns the anchor off), got {self.dpo_anchor_weight}")
         require(self.objective != "dpo" or self.snr_gamma is None, "snr_gamma", "weights the sft loss; objective=dpo does not use it (set snr_gamma=null)")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be positive, got {self.snr_gamma}")
         require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")

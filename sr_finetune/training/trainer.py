@@ -306,7 +306,8 @@ def compute_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, predi
 
 
 def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, prediction_type: str, cfg: FinetuneConfig, generator: torch.Generator, weight_dtype: torch.dtype, unet_dtype: torch.dtype, reference: Reference) -> tuple[torch.Tensor, dict]:
-    """The Diffusion-DPO loss of a batch of pairs (+ ``dpo_sft_weight`` x the regularisation rows' denoising loss).
+    """The Diffusion-DPO loss of a batch of pairs (+ ``dpo_anchor_weight`` x the pairs' own denoising loss,
+    + ``dpo_sft_weight`` x the regularisation rows' denoising loss).
 
     Both images of a pair get the same noise and timestep and the prompt's embedding; one UNet
     forward runs on ``[chosen; rejected; regularization]``, the reference on ``[chosen; rejected]``.
@@ -333,6 +334,10 @@ def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, p
     terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta)
     metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin}
     loss = terms.loss
+    if cfg.dpo_anchor_weight:  # the pairs' own images, both roles: holds the fit to them, not a direction
+        anchor_loss = denoising_loss(model_pred[: 2 * n], target[: 2 * n])
+        loss = loss + cfg.dpo_anchor_weight * anchor_loss
+        metrics["anchor_loss"] = anchor_loss.detach()
     if "regularization" in batch:
         sft_loss = denoising_loss(model_pred[2 * n :], target[2 * n :])
         loss = loss + cfg.dpo_sft_weight * sft_loss
