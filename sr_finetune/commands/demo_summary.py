@@ -130,7 +130,7 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
         (f"judge win-rate {_pct(model['judge_win_rate'])} >= {_pct(TARGETS['judge_win_rate'])}", model["judge_win_rate"] >= TARGETS["judge_win_rate"]),
         (f"judge win-rate CI low {_pct(model['judge_ci_low'])} > {_pct(TARGETS['judge_ci_low'])}", model["judge_ci_low"] > TARGETS["judge_ci_low"]),
         (f"mean Social Reward {model[REWARD]:.3f} > base {model[REWARD + '_base']:.3f}", model[REWARD] > model[REWARD + "_base"]),
-        (f"prompt fidelity {_pct(model[FIDELITY])} vs base {_pct(model[FIDELITY + '_base'])} (within {TARGETS['fidelity_drop_points']:.0f} points)", model["fidelity_change_points"] >= -TARGETS["fidelity_drop_points"]),
+        (f"prompt fidelity {_pct(model[FIDELITY])} vs base {_pct(model[FIDELITY + '_base'])} (at most {TARGETS['fidelity_drop_points']:.0f} points below)", model["fidelity_change_points"] >= -TARGETS["fidelity_drop_points"]),
         (f"Social Reward pairwise accuracy {_pct(reward)} >= {_pct(TARGETS['reward_accuracy'])}", reward >= TARGETS["reward_accuracy"]),
         (f"Social Reward pairwise accuracy {_pct(reward)} above the untrained CLIP's {_pct(untrained)}", reward > untrained),
     ]
