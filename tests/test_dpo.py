@@ -352,6 +352,43 @@ def test_regularization_rows_anywhere_in_the_set_are_taken_in_order_as_plain_sli
     assert rows_with_role(table, "other") is None
 
 
+class RowImages:
+    """A stand-in for the fine-tune set: each example is the row it was asked for, with its augment key."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def examples(self, keys, augment_keys=None):
+        return [{"row": row, "augment": augment, "prompt_id": str(row)} for (_, row), augment in zip(keys, augment_keys or keys)]
+
+
+@pytest.mark.parametrize("alternate", [False, True])
+def test_alternate_roles_swap_each_pair_in_every_odd_epoch(alternate):
+    from sr_finetune.training.pair_data import PairDataset
+
+    pairs = PairDataset(RowImages(2 * 3 + 2), num_pairs=3, num_regularization=2, seed=0, alternate_roles=alternate)
+    for epoch in range(4):
+        items = pairs.__getitems__([(epoch, 0), (epoch, 2)])
+        swap = alternate and epoch % 2 == 1
+        assert [item["chosen"]["row"] for item in items] == ([3, 5] if swap else [0, 2])
+        assert [item["rejected"]["row"] for item in items] == ([0, 2] if swap else [3, 5])
+        # both images of a pair are still flipped and cropped alike, and take the same regularisation row as without
+        assert all(item["chosen"]["augment"] == item["rejected"]["augment"] for item in items)
+        assert [item["regularization"]["row"] for item in items] == [6 + pairs.regularization_row(epoch, p) for p in (0, 2)]
+
+
+def test_dpo_run_with_alternate_roles_trains_on_the_alternating_pairs(tiny_sd, dpo_set, tmp_path, monkeypatch):
+    from sr_finetune.training import pair_data
+
+    calls = record_calls(monkeypatch, pair_data.PairDataset, "__getitems__")
+    run_finetune(dpo_cfg(tiny_sd, dpo_set, tmp_path / "ft", alternate_roles=True, max_train_steps=4))  # 2 pairs a step: epochs 0 and 1
+    assert len(calls) == 4 and all(dataset.alternate_roles for dataset in calls)
+    assert (tmp_path / "ft" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, finetune_set, tmp_path):
     with pytest.raises(UserError, match=r"objective=dpo needs the pair table .*pairs, which does not exist; .*pairs.keep_pairs=true") as err:
         run_finetune(dpo_cfg(tiny_sd, finetune_set, tmp_path / "ft"))
@@ -366,6 +403,7 @@ def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, fin
         ("objective=dpo dpo_sft_weight=-1", "dpo_sft_weight: must be >= 0"),
         ("objective=dpo dpo_anchor_weight=-1", "dpo_anchor_weight: must be >= 0"),
         ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),
+        ("alternate_roles=true", "alternate_roles: swaps the roles of dpo's pairs; objective=sft has none"),
     ],
 )
 def test_bad_dpo_settings_are_one_line_config_errors(override, message):

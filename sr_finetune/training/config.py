@@ -113,6 +113,10 @@ class FinetuneConfig:
     # moves the difference of their errors; this holds their sum, the model's fit to its own samples,
     # whatever the roles. Its gradient is comparable with the DPO term's near dpo_beta / 4.
     dpo_anchor_weight: float = 0.0
+    # dpo: swap each pair's chosen and rejected image every epoch (the first epoch as the pairs say). A
+    # control with no direction: every pair is trained both ways in turn, so no draw of roles can
+    # carry one through the run.
+    alternate_roles: bool = False
     # data
     resolution: int = 512
     center_crop: bool = True
@@ -190,6 +194,7 @@ class FinetuneConfig:
         require(self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}")
         require(self.dpo_sft_weight >= 0, "dpo_sft_weight", f"must be >= 0 (0 turns the regularisation term off), got {self.dpo_sft_weight}")
         require(self.dpo_anchor_weight >= 0, "dpo_anchor_weight", f"must be >= 0 (0 turns the anchor off), got {self.dpo_anchor_weight}")
+        require(not self.alternate_roles or self.objective == "dpo", "alternate_roles", f"swaps the roles of dpo's pairs; objective={self.objective} has none (set objective=dpo or alternate_roles=false)")
         require(self.objective != "dpo" or self.snr_gamma is None, "snr_gamma", "weights the sft loss; objective=dpo does not use it (set snr_gamma=null)")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be positive, got {self.snr_gamma}")
         require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")

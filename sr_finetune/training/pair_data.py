@@ -79,15 +79,17 @@ class PairDataset(torch.utils.data.Dataset):
     An example holds the chosen and the rejected image of a pair, flipped and cropped alike, and,
     when ``num_regularization`` > 0, one regularisation row: per epoch a seeded permutation of those
     rows, indexed by the pair, so the draw is a pure function of ``(seed, epoch, pair)`` (exact resume).
+    With ``alternate_roles`` the chosen and the rejected image trade places in every odd epoch.
     """
 
-    def __init__(self, images: FinetuneDataset, num_pairs: int, num_regularization: int, seed: int):
+    def __init__(self, images: FinetuneDataset, num_pairs: int, num_regularization: int, seed: int, alternate_roles: bool = False):
         if len(images) != 2 * num_pairs + num_regularization:
             raise ValueError(f"{len(images)} image rows for {num_pairs} pairs and {num_regularization} regularisation rows")
         self.images = images
         self.num_pairs = num_pairs
         self.num_regularization = num_regularization
         self.seed = seed
+        self.alternate_roles = alternate_roles
         self._order: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -98,8 +100,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
         n = self.num_pairs
-        chosen = self.images.examples(keys, augment_keys=keys)
-        rejected = self.images.examples([(epoch, n + pair) for epoch, pair in keys], augment_keys=keys)
+        swapped = [self.alternate_roles and epoch % 2 == 1 for epoch, _ in keys]
+        chosen = self.images.examples([(epoch, pair + n * s) for (epoch, pair), s in zip(keys, swapped)], augment_keys=keys)
+        rejected = self.images.examples([(epoch, pair + n * (not s)) for (epoch, pair), s in zip(keys, swapped)], augment_keys=keys)
         items = [{"chosen": c, "rejected": r, "prompt_id": c["prompt_id"]} for c, r in zip(chosen, rejected)]
         if self.num_regularization:
             regularization = self.images.examples([(epoch, 2 * n + self.regularization_row(epoch, pair)) for epoch, pair in keys])

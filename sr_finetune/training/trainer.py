@@ -424,7 +424,7 @@ def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, tex
         empty_embeds = encode_texts(text_encoder, tokenizer, [""], device)[0]
     dataset = FinetuneDataset(table, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed, cfg.empty_prompt_share, empty_embeds)
     if dpo:
-        dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed)
+        dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed, cfg.alternate_roles)
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate_pairs if dpo else collate, num_workers=cfg.dataloader_num_workers,
