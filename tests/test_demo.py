@@ -323,7 +323,7 @@ def _demo_json(out, win: float, versus_random: float | None) -> None:
                       "social_reward": 0.5, "social_reward_base": 0.4, "world_fidelity": 0.12, "world_fidelity_base": 0.14}}  # fmt: skip
     versus = {} if versus_random is None else {"sft vs random": {"judge_win_rate": versus_random, "ci_low": versus_random - 0.06, "ci_high": versus_random + 0.06}}
     checks = {"sft": {f"judge win-rate {win}": win >= 0.65}, "direction": {"sft beats random": versus_random is not None and versus_random - 0.06 > 0.5}}
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps({"models": models, "versus": versus, "checks": checks, "accuracy": {"social_reward": {"accuracy": 0.83}}}))
 
 
@@ -364,5 +364,16 @@ def test_each_taste_runs_in_its_own_folder_and_shares_the_pool(tmp_path, monkeyp
     model = str(tmp_path / "large-centred" / "world" / "model")
     assert ran == [("large-centred", tmp_path / "large-centred", str(tmp_path / "pool"), model), ("small-off-centre", tmp_path / "small-off-centre", str(tmp_path / "pool"), model)]
     assert summary == tmp_path / "tastes.md" and summary.is_file()
+    # a later run that starts with another taste samples (or skips) the pool with the copy it was made with
+    (tmp_path / "large-centred" / "world" / "model").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "pool").mkdir(exist_ok=True)
+    (tmp_path / "pool" / "generation.json").write_text(json.dumps({"model": model}))
+    ran.clear()
+    demo_module.run_tastes(["small-off-centre", "high"], overrides=[f"demo.out_dir={tmp_path}"], arms=["sft"])
+    assert [r[3] for r in ran] == [model, model]
+    (tmp_path / "large-centred" / "world" / "model").rmdir()  # that copy gone: the first taste's
+    ran.clear()
+    demo_module.run_tastes(["small-off-centre"], overrides=[f"demo.out_dir={tmp_path}"], arms=["sft"])
+    assert ran[0][3] == str(tmp_path / "small-off-centre" / "world" / "model")
     with pytest.raises(ConfigError, match="distinct tastes"):
         demo_module.run_tastes(["high", "high"], overrides=[f"demo.out_dir={tmp_path}"])

@@ -220,11 +220,24 @@ def taste_folder(taste: str) -> str:
     return taste.replace(":", ".").replace("/", "_")
 
 
+def pool_model(root: Path, tastes: Sequence[str]) -> str:
+    """The base model copy that samples the shared pool ``<root>/pool``: the one its generations
+    were made with, while that copy exists (a later run may start with another taste), else the
+    first taste's."""
+    record = root / "pool" / "generation.json"
+    if record.is_file():
+        recorded = json.loads(record.read_text()).get("model")
+        if isinstance(recorded, str) and Path(recorded).is_dir():
+            return recorded
+    return str(root / taste_folder(tastes[0]) / "world" / "model")
+
+
 def run_tastes(tastes: Sequence[str], config: str | os.PathLike | None = None, overrides: Sequence[str] = (), quick: bool = False, arms: Sequence[str] | None = None) -> Path:
     """The demo once per taste, each in ``<out_dir>/<taste>`` with its own community, reward and
     arms; the pool (the base model's samples, which no taste changes) is sampled once, in
-    ``<out_dir>/pool`` by the first taste's copy of the shipped base model, which every taste then
-    fine-tunes and evaluates (the copies are the same files). Writes ``<out_dir>/tastes.md`` and
+    ``<out_dir>/pool`` by the first taste's copy of the shipped base model (a later run, whatever its
+    tastes, by the copy the pool was made with), which every taste then fine-tunes and evaluates
+    (the copies are the same files). Writes ``<out_dir>/tastes.md`` and
     ``tastes.json`` (a row per taste and arm)."""
     from .demo_summary import write_tastes_summary
 
@@ -233,7 +246,7 @@ def run_tastes(tastes: Sequence[str], config: str | os.PathLike | None = None, o
     probe = Demo(config, overrides, quick=quick, arms=arms)
     root = probe.out
     shares_pool = not any(o.startswith(("generate.output_dir=", "generate.model=")) for o in overrides)
-    pool = [f"generate.output_dir={root / 'pool'}", f"generate.model={root / taste_folder(tastes[0]) / 'world' / 'model'}"] if shares_pool else []
+    pool = [f"generate.output_dir={root / 'pool'}", f"generate.model={pool_model(root, tastes)}"] if shares_pool else []
     runs = {}
     for taste in tastes:
         logger.info("demo --tastes: %s", taste)
