@@ -387,6 +387,8 @@ def test_dpo_run_with_alternate_roles_trains_on_the_alternating_pairs(tiny_sd, d
     run_finetune(dpo_cfg(tiny_sd, dpo_set, tmp_path / "ft", alternate_roles=True, max_train_steps=4))  # 2 pairs a step: epochs 0 and 1
     assert len(calls) == 4 and all(dataset.alternate_roles for dataset in calls)
     assert (tmp_path / "ft" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert "| alternate_roles | True |" in card and "roles swapped in every odd epoch" in card
 
 
 def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, finetune_set, tmp_path):

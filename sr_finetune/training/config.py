@@ -113,7 +113,7 @@ class FinetuneConfig:
     # moves the difference of their errors; this holds their sum, the model's fit to its own samples,
     # whatever the roles. Its gradient is comparable with the DPO term's near dpo_beta / 4.
     dpo_anchor_weight: float = 0.0
-    # dpo: swap each pair's chosen and rejected image every epoch (the first epoch as the pairs say). A
+    # dpo: swap each pair's chosen and rejected image in every odd epoch (epoch 0 as the pairs say). A
     # control with no direction: every pair is trained both ways in turn, so no draw of roles can
     # carry one through the run.
     alternate_roles: bool = False
