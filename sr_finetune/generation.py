@@ -130,10 +130,19 @@ def _settings_fingerprint(cfg: GenerateConfig, prompt_set: PromptSet) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "prompts_sha256": prompts_hash, "num_prompts": len(prompt_set)}
 
 
+GENERATION_RECORD = "generation.json"  # the settings a generation folder's images were made with
+
+
+def generation_record(output_dir: str | os.PathLike) -> dict | None:
+    """The settings recorded in a generation folder (model, seed, ...), or None before its first run."""
+    path = Path(output_dir) / GENERATION_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _check_or_write_fingerprint(output_dir: Path, fingerprint: dict, is_main: bool) -> None:
-    path = output_dir / "generation.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
+    path = output_dir / GENERATION_RECORD
+    previous = generation_record(output_dir)
+    if previous is not None:
         changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
         if changed:
             k = changed[0]

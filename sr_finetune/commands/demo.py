@@ -224,11 +224,11 @@ def pool_model(root: Path, tastes: Sequence[str]) -> str:
     """The base model copy that samples the shared pool ``<root>/pool``: the one its generations
     were made with, while that copy exists (a later run may start with another taste), else the
     first taste's."""
-    record = root / "pool" / "generation.json"
-    if record.is_file():
-        recorded = json.loads(record.read_text()).get("model")
-        if isinstance(recorded, str) and Path(recorded).is_dir():
-            return recorded
+    from ..generation import generation_record
+
+    recorded = (generation_record(root / "pool") or {}).get("model")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return recorded
     return str(root / taste_folder(tastes[0]) / "world" / "model")
 
 
