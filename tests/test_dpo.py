@@ -109,6 +109,19 @@ def test_model_equal_to_reference_gives_log_2_and_no_pair_right():
     assert terms.reward_accuracy.item() == 0.0 and terms.reward_margin.item() == 0.0
 
 
+def test_displacement_is_each_pairs_mean_error_above_the_reference_whatever_the_roles():
+    model, ref, target = (t.float() for t in random_preds(4))
+    n = len(model) // 2
+    err = lambda pred: ((pred - target) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    rise = err(model) - err(ref)
+    terms = diffusion_dpo_loss(model, ref, target, 5000.0)
+    assert torch.allclose(terms.displacement, 0.5 * (rise[:n] + rise[n:]), atol=1e-6)
+    swap = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    swapped = diffusion_dpo_loss(model[swap], ref[swap], target[swap], 5000.0)
+    assert torch.allclose(swapped.displacement, terms.displacement) and not torch.allclose(swapped.reward_margin, terms.reward_margin)
+    assert torch.equal(diffusion_dpo_loss(model, model.clone(), target, 5000.0).displacement, torch.zeros(n))
+
+
 # ---- one training step -------------------------------------------------------------------------
 
 
@@ -239,13 +252,13 @@ def test_dpo_run_saves_a_pipeline_and_logs_reward_accuracy_and_margin(tiny_sd, d
     summary = run_finetune(dpo_cfg(tiny_sd, dpo_set, out, report_to="tensorboard", dpo_sft_weight=0.5))
 
     assert summary.global_step == 2 and summary.role_counts == {"pairs": 4, "regularization": 3}
-    assert set(summary.metrics) == {"reward_accuracy", "reward_margin", "sft_loss"} and 0.0 <= summary.metrics["reward_accuracy"] <= 1.0
+    assert set(summary.metrics) == {"reward_accuracy", "reward_margin", "displacement", "sft_loss"} and 0.0 <= summary.metrics["reward_accuracy"] <= 1.0
     assert "reward accuracy" in summary.line()
     assert summary.images_seen == 2 * 2 * 3  # 2 steps x 2 pairs x (chosen, rejected, regularisation)
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/sft_loss"} <= set(tags)
+    assert {"loss", "dpo/reward_accuracy", "dpo/reward_margin", "dpo/displacement", "dpo/sft_loss"} <= set(tags)
     assert [e.step for e in events.Scalars("dpo/reward_margin")] == [1, 2]
     assert abs(events.Scalars("dpo/reward_margin")[1].value) > 1e-2  # the reference stays the starting model
     # the first step starts from the reference itself: margin 0 (to rounding: the UNet's batch has

@@ -60,6 +60,7 @@ class DpoTerms:
     loss: torch.Tensor  # mean over pairs of -log sigmoid(inside)
     reward_accuracy: torch.Tensor  # share of pairs with inside > 0
     reward_margin: torch.Tensor  # mean over pairs of inside
+    displacement: torch.Tensor  # per pair: ((e(model, x_w) - e(ref, x_w)) + (e(model, x_l) - e(ref, x_l))) / 2
 
 
 def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DpoTerms:
@@ -82,6 +83,8 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     reference: positive when the model, relative to the reference, denoises the chosen image better
     than the rejected one. ``reward_accuracy`` is the share of pairs with inside > 0 (0 while the
     model equals the reference, where the loss is log 2); ``reward_margin`` is the mean of inside.
+    ``displacement`` is what the loss leaves free: the pair's mean error relative to the reference,
+    which rises when the model widens the margin by fitting both images worse.
     """
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
@@ -90,4 +93,5 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
         loss=-F.logsigmoid(inside).mean(),
         reward_accuracy=(inside > 0).float().mean().detach(),
         reward_margin=inside.mean().detach(),
+        displacement=(0.5 * ((model_w - ref_w) + (model_l - ref_l))).detach(),
     )

@@ -86,7 +86,7 @@ class FinetuneSummary:
     role_counts: dict = field(default_factory=dict)
     peak_memory_gb: float | None = None
     hub_url: str | None = None
-    metrics: dict = field(default_factory=dict)  # the last step's monitors (dpo: reward_accuracy, reward_margin, sft_loss; online: reward_mean, ...)
+    metrics: dict = field(default_factory=dict)  # the last step's monitors (dpo: reward_accuracy, reward_margin, displacement, sft_loss; online: reward_mean, ...)
     history: list = field(default_factory=list)  # online objectives: one dict of monitors per step of this run
 
     def line(self) -> str:
@@ -332,7 +332,7 @@ def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, p
     ref_prompts = reference.text_states(batch["chosen"]["input_ids"]) if reference.text_encoder is not None else prompts.detach()
     ref_pred = reference.prediction(noisy_latents[: 2 * n], timesteps[: 2 * n], torch.cat([ref_prompts, ref_prompts]))
     terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta)
-    metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin}
+    metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin, "displacement": terms.displacement.mean()}
     loss = terms.loss
     if cfg.dpo_anchor_weight:  # the pairs' own images, both roles: holds the fit to them, not a direction
         anchor_loss = denoising_loss(model_pred[: 2 * n], target[: 2 * n])
