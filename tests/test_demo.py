@@ -212,6 +212,10 @@ def test_a_control_and_its_mirror_are_both_beaten_and_their_mean_is_checked_for_
     models = {"dpo": {"judge_win_rate": 0.8}, "dpo-random": {"judge_win_rate": 0.34, "judge_tie_rate": 0.04}, "dpo-mirror": {"judge_win_rate": 0.60}, "sft": {"judge_win_rate": 0.6}}
     [(text, ok)] = parity_checks(models, arms, controls, mirrors)
     assert ok and "48.0% against the base (mean of dpo-random 36.0%, dpo-mirror 60.0%" in text
+    # beside it, how far the judge's mean moved: the controls' mean and the arm's own move
+    judged = {name: {**row, "world_judge": judge, "world_judge_base": 0.44} for (name, row), judge in zip(models.items(), (0.46, 0.437, 0.439, 0.45))}
+    [(text, ok)] = parity_checks(judged, arms, controls, mirrors)
+    assert ok and text.endswith("; judge mean -0.0020 against the base, dpo's +0.0200")
     [(text, ok)] = parity_checks(models, ["dpo", "dpo-random"], controls, mirrors)  # the mirror did not run: the draw alone
     assert not ok and "36.0% against the base (dpo-random 36.0%, one draw" in text
     assert parity_checks(models, ["sft", "dpo"], controls, mirrors) == []  # no control ran

@@ -169,8 +169,24 @@ def parity_checks(models: dict[str, dict], arms: list[str], controls: dict[str, 
         mean = sum(rates) / len(rates)
         each = ", ".join(f"{c} {_pct(r)}" for c, r in zip(drawn, rates))
         what = f"mean of {each}" if len(drawn) > 1 else f"{each}, one draw"
-        rows.append((f"without the reward's direction the judge stays at parity: {_pct(mean)} against the base ({what}, ties as half; within {_pct(low)} – {_pct(high)})", low <= mean <= high))
+        shifts = _judge_shifts(models, drawn, [arm for arm in arms if tuple(controls_of(arm, arms, controls or {}, mirrors)) == ran])
+        rows.append((f"without the reward's direction the judge stays at parity: {_pct(mean)} against the base ({what}, ties as half; within {_pct(low)} – {_pct(high)}){shifts}", low <= mean <= high))
     return rows
+
+
+def _judge_shifts(models: dict[str, dict], drawn: list[str], arms: list[str]) -> str:
+    """How far the controls' mean judge moved from the base's, beside the arms' own move: a
+    same-seed win-rate turns any consistent change into a win or a loss, however small."""
+    def shift(name: str) -> float | None:
+        row = models.get(name, {})
+        return row[JUDGE] - row[f"{JUDGE}_base"] if JUDGE in row and f"{JUDGE}_base" in row else None
+
+    control = [shift(c) for c in drawn]
+    if any(v is None for v in control):
+        return ""
+    parts = [f"judge mean {sum(control) / len(control):+.4f} against the base"]
+    parts += [f"{arm}'s {v:+.4f}" for arm in arms if (v := shift(arm)) is not None]
+    return f"; {', '.join(parts)}"
 
 
 def stages_of_run(done: dict[str, dict], arms: list[str]) -> dict[str, dict]:
