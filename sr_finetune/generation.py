@@ -15,9 +15,9 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import pandas as pd
 
@@ -53,6 +53,9 @@ class GenerateConfig:
     scheduler: str = "ddim"
     steps: int = 30
     guidance_scale: float = 7.5
+    # several scales: image i of each prompt is sampled at guidance_scales[i % len] (a pool whose
+    # images differ in what guidance changes: contrast, saturation); empty = guidance_scale for all
+    guidance_scales: List[float] = field(default_factory=list)
     height: int = 512
     width: int = 512
     negative_prompt: Optional[str] = None
@@ -69,6 +72,7 @@ class GenerateConfig:
             require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         require(self.height % 8 == 0 and self.width % 8 == 0, "height", f"height and width must be multiples of 8, got {self.height}x{self.width}")
         require(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        require(all(g >= 0 for g in self.guidance_scales), "guidance_scales", f"must all be >= 0, got {list(self.guidance_scales)}")
         require(self.max_prompts is None or self.max_prompts > 0, "max_prompts", f"must be positive, got {self.max_prompts}")
         require(self.image_format in IMAGE_FORMATS, "image_format", f"must be one of {IMAGE_FORMATS}, got '{self.image_format}'")
         from .models import ATTENTION_BACKENDS, DTYPES, SCHEDULERS
@@ -88,6 +92,7 @@ class WorkItem:
     seed: int
     image_id: str
     path: str  # relative to the output folder
+    guidance: float  # its guidance scale
 
 
 def image_seed(global_seed: int, prompt_id: str, index: int) -> int:
@@ -111,8 +116,13 @@ def shard_items(cfg: GenerateConfig, prompt_set: PromptSet, shard: int) -> list[
         for index in range(cfg.images_per_prompt):
             image_id = image_id_for(prompt_id, index)
             filename = _UNSAFE.sub("-", image_id) + f"-{hashlib.sha1(image_id.encode()).hexdigest()[:6]}.{cfg.image_format}"
-            items.append(WorkItem(prompt_id, prompt, index, image_seed(cfg.seed, prompt_id, index), image_id, f"images/{shard:05d}/{filename}"))
+            items.append(WorkItem(prompt_id, prompt, index, image_seed(cfg.seed, prompt_id, index), image_id, f"images/{shard:05d}/{filename}", image_guidance(cfg, index)))
     return items
+
+
+def image_guidance(cfg: GenerateConfig, index: int) -> float:
+    """The guidance scale of image ``index`` of a prompt."""
+    return float(cfg.guidance_scales[index % len(cfg.guidance_scales)]) if cfg.guidance_scales else float(cfg.guidance_scale)
 
 
 def num_shards(cfg: GenerateConfig, prompt_set: PromptSet) -> int:
@@ -127,7 +137,8 @@ def _settings_fingerprint(cfg: GenerateConfig, prompt_set: PromptSet) -> dict:
     """What must not change between a run and its resume (anything that changes the images)."""
     prompts_hash = hashlib.sha256("\n".join(f"{i}\t{p}" for i, p in zip(prompt_set.ids, prompt_set.prompts)).encode()).hexdigest()
     keys = ("model", "revision", "variant", "images_per_prompt", "seed", "scheduler", "steps", "guidance_scale", "height", "width", "negative_prompt", "prompts_per_shard", "image_format")
-    return {**{k: getattr(cfg, k) for k in keys}, "prompts_sha256": prompts_hash, "num_prompts": len(prompt_set)}
+    several = {"guidance_scales": list(cfg.guidance_scales)} if cfg.guidance_scales else {}  # absent: folders made before it stay valid
+    return {**{k: getattr(cfg, k) for k in keys}, **several, "prompts_sha256": prompts_hash, "num_prompts": len(prompt_set)}
 
 
 GENERATION_RECORD = "generation.json"  # the settings a generation folder's images were made with
@@ -143,10 +154,10 @@ def _check_or_write_fingerprint(output_dir: Path, fingerprint: dict, is_main: bo
     path = output_dir / GENERATION_RECORD
     previous = generation_record(output_dir)
     if previous is not None:
-        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+        changed = [k for k in {**previous, **fingerprint} if previous.get(k) != fingerprint.get(k)]  # a setting recorded only when used counts too
         if changed:
             k = changed[0]
-            raise UserError(f"{output_dir}: already holds generations made with {k}={previous.get(k)!r}, not {fingerprint[k]!r}; use another output_dir")
+            raise UserError(f"{output_dir}: already holds generations made with {k}={previous.get(k)!r}, not {fingerprint.get(k)!r}; use another output_dir")
     elif is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(fingerprint, indent=2))
@@ -175,7 +186,7 @@ def _manifest_rows(cfg: GenerateConfig, items: list[WorkItem]) -> pd.DataFrame:
             "model": model_name,
             "negative_prompt": cfg.negative_prompt,
             "steps": cfg.steps,
-            "guidance": cfg.guidance_scale,
+            "guidance": [it.guidance for it in items],
             "index": [it.index for it in items],
             "height": cfg.height,
             "width": cfg.width,
@@ -189,19 +200,23 @@ def generate_images(pipe, cfg: GenerateConfig, items: list[WorkItem]) -> list:
     """Run the pipeline on one batch, each image with its own generator (batch-size independent noise)."""
     import torch
 
-    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
-    negative = [cfg.negative_prompt] * len(items) if cfg.negative_prompt else None
-    with torch.inference_mode():
-        result = pipe(
-            prompt=[it.prompt for it in items],
-            negative_prompt=negative,
-            generator=generators,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            height=cfg.height,
-            width=cfg.width,
-        )
-    return result.images
+    images = {}
+    for guidance in dict.fromkeys(it.guidance for it in items):  # one pipeline call per guidance scale
+        group = [it for it in items if it.guidance == guidance]
+        generators = [torch.Generator("cpu").manual_seed(it.seed) for it in group]
+        negative = [cfg.negative_prompt] * len(group) if cfg.negative_prompt else None
+        with torch.inference_mode():
+            result = pipe(
+                prompt=[it.prompt for it in group],
+                negative_prompt=negative,
+                generator=generators,
+                num_inference_steps=cfg.steps,
+                guidance_scale=guidance,
+                height=cfg.height,
+                width=cfg.width,
+            )
+        images.update(zip((it.image_id for it in group), result.images))
+    return [images[it.image_id] for it in items]
 
 
 @dataclass

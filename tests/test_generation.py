@@ -83,6 +83,26 @@ def test_same_seed_same_bytes_and_images_regenerate_alone(tiny_sd, prompt_file, 
     assert np.abs(alone - batched).max() <= 1
 
 
+def test_several_guidance_scales_take_turns_within_each_prompt(tiny_sd, prompt_file, tmp_path):
+    mixed = tiny_cfg(tiny_sd, prompt_file, tmp_path / "mixed", images_per_prompt=3, guidance_scales=[2.0, 9.0])
+    run_generation(mixed)
+    df = read_manifest(mixed.output_dir)
+    assert df.sort_values(["prompt_id", "index"]).guidance.tolist() == [2.0, 9.0, 2.0] * len(PROMPTS)
+    # each image is the one a single-scale run makes from the same seed
+    for scale in (2.0, 9.0):
+        single = tiny_cfg(tiny_sd, prompt_file, tmp_path / f"single{scale}", images_per_prompt=3, guidance_scale=scale)
+        run_generation(single)
+        same = read_manifest(single.output_dir).set_index("image_id").path
+        for row in df[df.guidance == scale].itertuples():
+            a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (row.path, same[row.image_id]))
+            assert np.abs(a - b).max() <= 1
+    assert "guidance_scales" in (tmp_path / "mixed" / "generation.json").read_text()
+    with pytest.raises(UserError, match=r"already holds generations made with guidance_scales=\[2.0, 9.0\], not \[2.0, 8.0\]"):
+        run_generation(tiny_cfg(tiny_sd, prompt_file, tmp_path / "mixed", images_per_prompt=3, guidance_scales=[2.0, 8.0]))
+    with pytest.raises(UserError, match=r"already holds generations made with guidance_scales=\[2.0, 9.0\], not None"):
+        run_generation(tiny_cfg(tiny_sd, prompt_file, tmp_path / "mixed", images_per_prompt=3))
+
+
 def test_seeds_differ_per_prompt_and_index_and_are_stable():
     seeds = {image_seed(0, pid, i) for pid in ("000000", "000001", "x") for i in range(4)}
     assert len(seeds) == 12
