@@ -58,6 +58,7 @@ SKIP_REASONS = (
     "chosen_low_confidence",  # confidence filter: best image not confidently best
     "rejected_low_confidence",  # confidence filter: worst image not confidently worst
     "rejected_over_ratio_cap",  # beyond max_rejected_ratio * chosen
+    "pairs_below_gap_cut",  # beyond max_pairs: a smaller score gap than the kept pairs (random_roles: a seeded draw)
 )
 HELD_OUT_FILE = "held_out.txt"
 PAIR_COLUMNS = ["image_id", "prompt_id", "prompt", "path", "score", "role", "text", "n_images"]
@@ -104,6 +105,10 @@ class PairsConfig:
     # scores (~0.2) use 0.01 to reproduce it.
     confidence_temperature: float = 1.0
     max_rejected_ratio: Optional[float] = None  # at most ratio * chosen rejected rows (seeded subsample)
+    # At most this many pairs (None = all): those whose chosen image out-scores its rejected one by
+    # the most, over all prompts, so prompts where the reward is surest give more pairs. With
+    # random_roles a seeded draw of as many pairs (the scores give no order), the same for its mirror.
+    max_pairs: Optional[int] = None
     regularization: Optional[str] = None  # imagefolder, parquet, webdataset tar folder, or `datasets` id
     regularization_format: str = "auto"  # auto | imagefolder | parquet | webdataset | hub
     regularization_share: float = 0.5  # of the final set; the paper used half LAION
@@ -132,6 +137,7 @@ class PairsConfig:
         require(self.confidence_k is None or self.confidence_k > 0, "confidence_k", f"must be positive or null, got {self.confidence_k}")
         require(not (self.random_roles and self.confidence_k is not None), "random_roles", "ignores the scores, so the confidence filter (confidence_k) cannot apply; set confidence_k: null")
         require(self.confidence_temperature > 0, "confidence_temperature", f"must be positive, got {self.confidence_temperature}")
+        require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", f"must be >= 1 or null, got {self.max_pairs}")
         require(self.max_rejected_ratio is None or self.max_rejected_ratio >= 0, "max_rejected_ratio", f"must be >= 0 or null, got {self.max_rejected_ratio}")
         require(0 <= self.regularization_share < 1, "regularization_share", f"must be in [0, 1), got {self.regularization_share}")
         require(self.on_short_regularization in ("error", "warn"), "on_short_regularization", f"must be 'error' or 'warn', got '{self.on_short_regularization}'")
@@ -259,6 +265,11 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
         skipped["chosen_low_confidence"] = int((~keep_best).sum())
         skipped["rejected_low_confidence"] = int((~keep_worst).sum())
 
+    if cfg.max_pairs is not None and len(owner) > cfg.max_pairs:
+        kept = np.sort(_largest(_random_key(manifest_ids.take(pa.array(pos[chosen_at])), cfg.seed + 1) if cfg.random_roles else best - worst, cfg.max_pairs))
+        skipped["pairs_below_gap_cut"] = len(owner) - len(kept)
+        owner, chosen_at, rejected_at, best, worst = owner[kept], chosen_at[kept], rejected_at[kept], best[kept], worst[kept]
+        keep_best, keep_worst, p_best, p_worst = keep_best[kept], keep_worst[kept], p_best[kept], p_worst[kept]
     chosen_pos, rejected_pos = pa.array(pos[chosen_at]), pa.array(pos[rejected_at])
     prompts = _arrow(manifest["prompt"])
 
@@ -286,6 +297,11 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     if cfg.swap_chosen_rejected:
         per_prompt = per_prompt.rename(columns=_swapped_role)
     return per_prompt, skipped
+
+
+def _largest(keys: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest keys, ties to the earlier index (stable on every machine)."""
+    return np.argsort(-keys.astype(np.float64) if keys.dtype.kind == "f" else ~keys, kind="stable")[:count]
 
 
 def _random_key(image_ids, seed: int) -> np.ndarray:

@@ -122,6 +122,36 @@ def test_displacement_is_each_pairs_mean_error_above_the_reference_whatever_the_
     assert torch.equal(diffusion_dpo_loss(model, model.clone(), target, 5000.0).displacement, torch.zeros(n))
 
 
+def test_dpo_positive_matches_its_equation_per_pair():
+    """Pal et al. (2024), Eq. 3, with diffusion's -error for log-likelihood: the chosen image's rise in
+    error above the reference, times lambda, comes off the pair's margin; a fall costs nothing."""
+    model, ref, target = random_preds(5, pairs=4)
+    n, beta, lam = 4, 20.0, 3.0
+    err = lambda pred, j: ((target[j] - pred[j]) ** 2).mean().item()  # noqa: E731
+    expected = []
+    for i in range(n):
+        w, l = i, n + i
+        margin = -(err(model, w) - err(ref, w)) + (err(model, l) - err(ref, l))
+        inside = beta / 2 * (margin - lam * max(0.0, err(model, w) - err(ref, w)))
+        expected.append(math.log1p(math.exp(-inside)))
+    terms = diffusion_dpo_loss(model.float(), ref.float(), target.float(), beta, positive_weight=lam)
+    assert terms.loss.item() == pytest.approx(sum(expected) / n, rel=1e-5)
+    assert diffusion_dpo_loss(model.float(), ref.float(), target.float(), beta, positive_weight=0.0).loss.item() == pytest.approx(
+        paper_loss(model, ref, target, beta), rel=1e-5)
+
+
+def test_dpo_positive_charges_fitting_both_images_worse_and_nothing_for_fitting_the_chosen_better():
+    target = torch.zeros(4, 1)
+    ref = torch.full((4, 1), 0.5)  # reference error 0.25 on every image
+    worse_both = torch.tensor([[0.6], [0.6], [0.8], [0.8]])  # chosen 0.36, rejected 0.64: margin from fitting both worse
+    better_chosen = torch.tensor([[0.4], [0.4], [0.6], [0.6]])  # chosen 0.16 (below the reference), rejected 0.36
+    plain = [diffusion_dpo_loss(m, ref, target, 10.0).loss.item() for m in (worse_both, better_chosen)]
+    positive = [diffusion_dpo_loss(m, ref, target, 10.0, positive_weight=2.0).loss.item() for m in (worse_both, better_chosen)]
+    assert plain[0] < plain[1]  # plain DPO prefers the wider margin, however it was reached
+    assert positive[0] > plain[0] and positive[1] == pytest.approx(plain[1], abs=1e-7)
+    assert positive[0] > positive[1]
+
+
 # ---- one training step -------------------------------------------------------------------------
 
 
@@ -417,6 +447,7 @@ def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, fin
         ("objective=dpo dpo_beta=0", "dpo_beta: must be positive"),
         ("objective=dpo dpo_sft_weight=-1", "dpo_sft_weight: must be >= 0"),
         ("objective=dpo dpo_anchor_weight=-1", "dpo_anchor_weight: must be >= 0"),
+        ("objective=dpo dpo_positive_weight=-0.5", "dpo_positive_weight: must be >= 0"),
         ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),
         ("alternate_roles=true", "alternate_roles: swaps the roles of dpo's pairs; objective=sft has none"),
     ],

@@ -131,6 +131,34 @@ def test_random_roles_draw_two_distinct_images_per_prompt_whatever_the_scores_an
         PairsConfig(random_roles=True, confidence_k=2).validate()
 
 
+def test_max_pairs_keeps_the_pairs_with_the_largest_score_gap_over_all_prompts():
+    # a: gaps 9 (9 vs 0) and 5 (7 vs 2); b: gap 1 (1 vs 0); c: gaps 8 and 2
+    manifest, scores = manifest_and_scores({"a": [9.0, 7.0, 2.0, 0.0], "b": [1.0, 0.0], "c": [10.0, 6.0, 4.0, 2.0]})
+    pairs, skipped = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=2, max_pairs=3), check_files=False)
+    got = [(r.prompt_id, r.role, r.score) for r in pairs.itertuples()]
+    assert got == [("a", "chosen", 9.0), ("a", "rejected", 0.0), ("a", "chosen", 7.0), ("a", "rejected", 2.0), ("c", "chosen", 10.0), ("c", "rejected", 2.0)]
+    assert skipped["pairs_below_gap_cut"] == 2  # c's second pair (gap 2) and b's only pair (gap 1)
+    everything, skipped_none = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=2, max_pairs=5), check_files=False)
+    assert len(everything) == 10 and skipped_none["pairs_below_gap_cut"] == 0
+    swapped, _ = select_pairs(manifest, scores, PairsConfig(pairs_per_prompt=2, max_pairs=3, swap_chosen_rejected=True), check_files=False)
+    assert sorted(swapped.image_id) == sorted(pairs.image_id)  # the same pairs, roles reversed
+    with pytest.raises(ValueError, match="max_pairs: must be >= 1"):
+        PairsConfig(max_pairs=0).validate()
+
+
+def test_max_pairs_with_random_roles_is_a_seeded_draw_shared_by_the_mirror():
+    scores_by_prompt = {f"p{i}": [float(j) for j in range(8)] for i in range(30)}
+    manifest, scores = manifest_and_scores(scores_by_prompt)
+    cfg = PairsConfig(random_roles=True, pairs_per_prompt=4, max_pairs=40)
+    pairs, skipped = select_pairs(manifest, scores, cfg, check_files=False)
+    assert len(pairs) == 80 and skipped["pairs_below_gap_cut"] == 80
+    assert pairs.prompt_id.nunique() > 15  # spread over the prompts, not the first ones in order
+    again, _ = select_pairs(manifest.iloc[::-1], scores.sample(frac=1.0, random_state=1), cfg, check_files=False)
+    assert sorted(again.image_id) == sorted(pairs.image_id)
+    mirror, _ = select_pairs(manifest, scores, PairsConfig(random_roles=True, pairs_per_prompt=4, max_pairs=40, swap_chosen_rejected=True), check_files=False)
+    assert sorted(mirror[mirror.role == "chosen"].image_id) == sorted(pairs[pairs.role == "rejected"].image_id)
+
+
 def test_rejected_text_carries_the_negative_token_in_the_configured_format():
     manifest, scores = manifest_and_scores({"a": [1.0, 0.0]})
     pairs, _ = select_pairs(manifest, scores, PairsConfig(), check_files=False)
@@ -164,6 +192,7 @@ def test_every_skip_reason_is_counted(tmp_path):
         "chosen_low_confidence": 0,
         "rejected_low_confidence": 0,
         "rejected_over_ratio_cap": 0,
+        "pairs_below_gap_cut": 0,
     }
     assert summary.counts == {"chosen": 4, "rejected": 4, "regularization": 0}
     written = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -113,6 +113,10 @@ class FinetuneConfig:
     # moves the difference of their errors; this holds their sum, the model's fit to its own samples,
     # whatever the roles. Its gradient is comparable with the DPO term's near dpo_beta / 4.
     dpo_anchor_weight: float = 0.0
+    # dpo: DPO-Positive's lambda (Pal et al. 2024): inside the sigmoid, lambda x how much worse the model
+    # fits the chosen image than the reference does (0 = plain Diffusion-DPO). Rules out widening a
+    # margin by fitting both images worse, which moves the model off its own samples whatever the roles.
+    dpo_positive_weight: float = 0.0
     # dpo: swap each pair's chosen and rejected image in every odd epoch (epoch 0 as the pairs say). A
     # control with no direction: every pair is trained both ways in turn, so no draw of roles can
     # carry one through the run.
@@ -193,6 +197,7 @@ class FinetuneConfig:
         require(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}, got '{self.objective}'")
         require(self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}")
         require(self.dpo_sft_weight >= 0, "dpo_sft_weight", f"must be >= 0 (0 turns the regularisation term off), got {self.dpo_sft_weight}")
+        require(self.dpo_positive_weight >= 0, "dpo_positive_weight", f"must be >= 0 (0 is plain Diffusion-DPO), got {self.dpo_positive_weight}")
         require(self.dpo_anchor_weight >= 0, "dpo_anchor_weight", f"must be >= 0 (0 turns the anchor off), got {self.dpo_anchor_weight}")
         require(not self.alternate_roles or self.objective == "dpo", "alternate_roles", f"swaps the roles of dpo's pairs; objective={self.objective} has none (set objective=dpo or alternate_roles=false)")
         require(self.objective != "dpo" or self.snr_gamma is None, "snr_gamma", "weights the sft loss; objective=dpo does not use it (set snr_gamma=null)")

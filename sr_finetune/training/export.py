@@ -92,7 +92,7 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm, "prediction_type": prediction_type, "snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
         "use_ema": cfg.use_ema, "ema_decay": cfg.ema_decay if cfg.use_ema else None, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
-        "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight, "dpo_anchor_weight": cfg.dpo_anchor_weight, "alternate_roles": cfg.alternate_roles} if cfg.objective == "dpo" else {}),
+        "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight, "dpo_anchor_weight": cfg.dpo_anchor_weight, "dpo_positive_weight": cfg.dpo_positive_weight, "alternate_roles": cfg.alternate_roles} if cfg.objective == "dpo" else {}),
     }
     if cfg.objective in ("backprop", "pg"):
         hyper.update({f"online.{k}": v for k, v in vars(cfg.online).items() if k not in ("prompts", "reward_options", "added_rewards")})
@@ -107,6 +107,8 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         regularization = f", plus {cfg.dpo_sft_weight} x the denoising loss on a regularisation set" if cfg.dpo_sft_weight else ""
         if cfg.dpo_anchor_weight:
             regularization += f", plus {cfg.dpo_anchor_weight:g} x the denoising loss on the pairs' own images"
+        if cfg.dpo_positive_weight:
+            regularization += f"; DPO-Positive (Pal et al. 2024, lambda {cfg.dpo_positive_weight:g}): no margin from fitting the chosen image worse than the base"
         if cfg.alternate_roles:
             regularization += "; each pair's roles swapped in every odd epoch (a control with no direction)"
         per_prompt = int((pairs_summary or {}).get("config", {}).get("pairs_per_prompt", 1))

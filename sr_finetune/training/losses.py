@@ -63,7 +63,7 @@ class DpoTerms:
     displacement: torch.Tensor  # per pair: ((e(model, x_w) - e(ref, x_w)) + (e(model, x_l) - e(ref, x_l))) / 2
 
 
-def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float) -> DpoTerms:
+def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, positive_weight: float = 0.0) -> DpoTerms:
     """Diffusion-DPO (Wallace et al. 2023, Eq. 14 with one timestep per pair) on ``[chosen; rejected]`` batches.
 
     The first half of each tensor holds the chosen images x_w, the second half the rejected x_l of
@@ -85,10 +85,19 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     model equals the reference, where the loss is log 2); ``reward_margin`` is the mean of inside.
     ``displacement`` is what the loss leaves free: the pair's mean error relative to the reference,
     which rises when the model widens the margin by fitting both images worse.
+
+    ``positive_weight`` (lambda > 0) is DPO-Positive (Pal et al. 2024, "Smaug", Eq. 3) in these terms::
+
+        inside = -beta / 2 * ((model_diff - ref_diff) + lambda * max(0, e(model, x_w) - e(ref, x_w)))
+
+    so a pair gains nothing from fitting its chosen image worse than the reference does: the
+    margin has to come from the rejected image, not from fitting both worse.
     """
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
     inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
+    if positive_weight:
+        inside = inside - 0.5 * beta * positive_weight * F.relu(model_w - ref_w)
     return DpoTerms(
         loss=-F.logsigmoid(inside).mean(),
         reward_accuracy=(inside > 0).float().mean().detach(),

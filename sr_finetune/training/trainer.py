@@ -331,7 +331,7 @@ def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, p
     target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
     ref_prompts = reference.text_states(batch["chosen"]["input_ids"]) if reference.text_encoder is not None else prompts.detach()
     ref_pred = reference.prediction(noisy_latents[: 2 * n], timesteps[: 2 * n], torch.cat([ref_prompts, ref_prompts]))
-    terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta)
+    terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta, cfg.dpo_positive_weight)
     metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin, "displacement": terms.displacement.mean()}
     loss = terms.loss
     if cfg.dpo_anchor_weight:  # the pairs' own images, both roles: holds the fit to them, not a direction
