@@ -124,6 +124,7 @@ def test_quick_demo_moves_the_model_toward_the_hidden_taste_and_skips_finished_s
     assert data["versus"]["swapped vs sft"]["versus"] == "sft" and data["versus"]["swapped vs sft"]["judge_win_rate"] < 0.5
     assert sft["world_judge"] > swapped["world_judge"] and sft["social_reward"] > swapped["social_reward"]
     assert data["pool"]["chosen_preferred"] > 0.5  # the reward's chosen image is the judge's better one
+    assert data["pool"]["arm"] == "sft" and data["pool"]["pairs"] == data["pool"]["prompts"]  # sft's pairs: one per prompt
     assert set(data["accuracy"]) == {"social_reward", "clip", "world_judge"}
     assert set(data["models"]) == {"sft", "swapped"}
     caplog.clear()
@@ -158,9 +159,12 @@ def test_pool_selection_reads_the_judge_at_the_pair_builders_choices():
     manifest = pd.DataFrame({"image_id": ids, "prompt_id": ["p0"] * 3 + ["p1"] * 3, "prompt": ["a"] * 3 + ["b"] * 3, "path": [f"{i}.png" for i in ids]})
     # prompt a: i0 and i2 tie for best (the pair builder takes the smaller image_id, i0); b: i3 is the worst
     scores = pd.DataFrame({"image_id": ids, "social_reward": [3, 1, 3, 0, 5, 1], "world_judge": [0.9, 0.1, 0.5, 0.5, 0.4, 0.6]})
-    expected = {"prompts": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}
+    expected = {"prompts": 2, "pairs": 2, "judge_pool": pytest.approx(0.5), "judge_chosen": pytest.approx(0.65), "judge_rejected": pytest.approx(0.3), "chosen_preferred": 0.5}
     for cfg in (PairsConfig(), PairsConfig(swap_chosen_rejected=True), PairsConfig(random_roles=True)):  # the paper's roles, whatever the arm
         assert pool_selection(manifest, scores.iloc[::-1], cfg) == expected  # row order must not matter
+    # the arm's own selection: a: i0 > i2 > i1 (pair 2: none, 3 x 0.5 < 2); with max_pairs=1 only the larger gap, b's (5 vs 0)
+    surest = pool_selection(manifest, scores, PairsConfig(max_pairs=1))
+    assert surest["pairs"] == 1 and surest["prompts"] == 1 and surest["judge_chosen"] == pytest.approx(0.4) and surest["chosen_preferred"] == 0.0
 
 
 def test_arms_versus_compares_two_arms_image_by_image_on_the_judge():
@@ -341,8 +345,10 @@ def test_the_tastes_summary_has_a_row_per_taste_and_arm_and_each_tastes_checks(t
     data["versus"] = {"sft vs sft-random": {"judge_win_rate": 0.61, "ci_low": 0.55, "ci_high": 0.67}, "sft vs random": {"judge_win_rate": 0.1, "ci_low": 0.0, "ci_high": 0.2},
                       "sft vs sft-mirror": {"judge_win_rate": 0.58, "ci_low": 0.52, "ci_high": 0.64}}  # fmt: skip
     data["checks"]["parity"] = {"without the reward's direction the judge stays at parity": True}
-    (runs["mod.fn"] / "demo.json").write_text(json.dumps({**data, "controls": {"sft": "sft-random"}, "mirrors": {"sft-random": "sft-mirror"}}))
+    pool = {"prompts": 120, "pairs": 480, "judge_pool": 0.4, "judge_chosen": 0.5, "judge_rejected": 0.3, "chosen_preferred": 0.698, "arm": "sft"}
+    (runs["mod.fn"] / "demo.json").write_text(json.dumps({**data, "controls": {"sft": "sft-random"}, "mirrors": {"sft-random": "sft-mirror"}, "pool": pool}))
     text = write_tastes_summary(tmp_path, runs, ["sft"]).read_text()
+    assert "Pairs of the pool whose chosen image the judge prefers: mod.fn 69.8% of 480" in text  # large-centred wrote no pool
     assert "| mod.fn | sft | 40.0% (34.0% – 46.0%) | 61.0% (55.0% – 67.0%) | 58.0% (52.0% – 64.0%) |" in text
     assert "| large-centred | sft | 72.0% (66.0% – 78.0%) | 66.0% (60.0% – 72.0%) |  | 0.600 (0.500) | 0.500 (0.400) | 12.0% (14.0%) |" in text
     assert "## large-centred: 2 of 2 checks met" in text and "## mod.fn: 1 of 3 checks met" in text

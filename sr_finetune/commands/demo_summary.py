@@ -57,8 +57,10 @@ def model_rows(results: dict) -> dict[str, dict]:
 
 def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg: "PairsConfig") -> dict:
     """What the reward picks from the pool, seen by the judge: the judge's mean over the pool, over
-    each prompt's chosen and rejected image as the pair builder picks them (``pairs_cfg``'s
-    selection, the paper's roles), and the share of prompts whose chosen image the judge prefers."""
+    the chosen and rejected images as the pair builder picks them (``pairs_cfg``'s selection, the
+    paper's roles), and the share of those pairs whose chosen image the judge prefers. The share
+    is what an offline fine-tune can learn of the taste from the reward: pairs the judge orders
+    the other way pull against it."""
     from dataclasses import replace
 
     from ..pairs import best_and_worst
@@ -67,7 +69,7 @@ def pool_selection(manifest: "pd.DataFrame", scores: "pd.DataFrame", pairs_cfg: 
     per_prompt, _ = best_and_worst(manifest, scores, cfg, check_files=False, sources=("pool manifest", "pool scores"))
     judge = scores.drop_duplicates("image_id").set_index("image_id")[JUDGE]
     chosen, rejected = judge.loc[per_prompt.chosen_image_id].to_numpy(), judge.loc[per_prompt.rejected_image_id].to_numpy()
-    return {"prompts": len(chosen), "judge_pool": float(scores[JUDGE].mean()), "judge_chosen": float(chosen.mean()),
+    return {"prompts": int(per_prompt.prompt_id.nunique()), "pairs": len(chosen), "judge_pool": float(scores[JUDGE].mean()), "judge_chosen": float(chosen.mean()),
             "judge_rejected": float(rejected.mean()), "chosen_preferred": float((chosen > rejected).mean())}  # fmt: skip
 
 
@@ -219,8 +221,10 @@ def summary_markdown(
     for metric, row in accuracy.items():
         lines.append(f"| {labels.get(metric, metric)} | {_pct(row['accuracy'])} | {_pct(row['ci_low'])} – {_pct(row['ci_high'])} |")
     if pool:
-        lines += ["", f"In the pool ({pool['prompts']} prompts), the judge prefers the reward's chosen image to its rejected one for "
-                  f"{_pct(pool['chosen_preferred'])} of prompts (judge mean: chosen {pool['judge_chosen']:.3f}, rejected {pool['judge_rejected']:.3f}, pool {pool['judge_pool']:.3f})."]  # fmt: skip
+        whose = f" (`{pool['arm']}`'s selection)" if pool.get("arm") else ""
+        lines += ["", f"In the pool ({pool['prompts']} prompts), the judge prefers the reward's chosen image to its rejected one in "
+                  f"{_pct(pool['chosen_preferred'])} of {pool['pairs']} pairs{whose} (judge mean: chosen {pool['judge_chosen']:.3f}, rejected {pool['judge_rejected']:.3f}, "
+                  f"pool {pool['judge_pool']:.3f}). Pairs the judge orders the other way pull the fine-tune against the taste."]  # fmt: skip
     lines += ["", "## Fine-tuned vs base on held-out prompts (same seeds)", "",
               "| model | judge win-rate | 95% CI | judge mean (base) | Social Reward (base) | fidelity (base) |", "| --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
     for name, r in models.items():
@@ -260,13 +264,14 @@ def write_summary(demo) -> Path:
     models = model_rows(results)
     arms, controls, mirrors = list(demo.cfg.arms), dict(demo.cfg.controls), dict(demo.cfg.mirrors)
     stages = stages_of_run(demo.state.done, arms)
-    pool, pairs_cfg = None, demo.section_config("pairs")
+    method = arms[0] if arms and not demo.is_online(arms[0]) else None  # the pairs the demo's method trains on
+    pool, pairs_cfg = None, demo.section_config("pairs", demo.arm_overrides(method) if method else ())
     pool_scores = demo.output_dir("score") / "scores.parquet"
     scores = pd.read_parquet(pool_scores) if pool_scores.is_file() else None
     if scores is not None and JUDGE in scores and pairs_cfg.reward_column in scores:
         from ..pairs import read_generations
 
-        pool = pool_selection(read_generations(pairs_cfg.generations), scores, pairs_cfg)
+        pool = pool_selection(read_generations(pairs_cfg.generations), scores, pairs_cfg) | {"arm": method}
     versus = {}
     if len(arms) > 1:
         eval_scores = pd.read_parquet(evaluation / "scores.parquet")
@@ -298,7 +303,7 @@ def taste_rows(taste: str, data: dict) -> list[dict]:
     return rows
 
 
-def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bool]]], accuracy: dict[str, float]) -> str:
+def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bool]]], accuracy: dict[str, float], pools: dict[str, dict] | None = None) -> str:
     """The comparison over tastes: a row per taste and arm, then each taste's checks."""
     def ci(low: float | None, high: float | None) -> str:
         return "" if low is None else f" ({_pct(low)} – {_pct(high)})"
@@ -313,6 +318,8 @@ def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bo
         lines.append(f"| {r['taste']} | {r['arm']} | {_pct(r['judge_win_rate'])}{ci(r['judge_ci_low'], r['judge_ci_high'])} | {control} | {mirror} "
                      f"| {r[JUDGE]:.3f} ({r[JUDGE + '_base']:.3f}) | {r[REWARD]:.3f} ({r[REWARD + '_base']:.3f}) | {_pct(r[FIDELITY])} ({_pct(r[FIDELITY + '_base'])}) |")  # fmt: skip
     lines += ["", "Social Reward pairwise accuracy on held-out triplets: " + ", ".join(f"{t} {_pct(a)}" for t, a in accuracy.items()), ""]
+    if pools:
+        lines += ["Pairs of the pool whose chosen image the judge prefers: " + ", ".join(f"{t} {_pct(p['chosen_preferred'])} of {p['pairs']}" for t, p in pools.items()), ""]
     for taste, items in taste_checks.items():
         met = sum(ok for _, ok in items)
         lines += [f"## {taste}: {met} of {len(items)} checks met", ""] + _checklist(items)
@@ -321,16 +328,18 @@ def tastes_markdown(rows: list[dict], taste_checks: dict[str, list[tuple[str, bo
 
 def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> Path:
     """``tastes.md`` and ``tastes.json`` in ``root`` from each taste's ``demo.json``."""
-    rows, taste_checks, accuracy = [], {}, {}
+    rows, taste_checks, accuracy, pools = [], {}, {}, {}
     for taste, out in runs.items():
         data = json.loads((out / "demo.json").read_text())
         rows += taste_rows(taste, data)
+        if data.get("pool") and "pairs" in data["pool"]:
+            pools[taste] = data["pool"]
         taste_checks[taste] = [*data["checks"][arms[0]].items(), *data["checks"]["direction"].items(), *data["checks"].get("parity", {}).items()]
         accuracy[taste] = data["accuracy"][REWARD]["accuracy"]
     checks_json = {taste: dict(items) for taste, items in taste_checks.items()}
-    (root / "tastes.json").write_text(json.dumps({"rows": rows, "checks": checks_json, "reward_accuracy": accuracy, "runs": {t: str(p) for t, p in runs.items()}}, indent=2))
+    (root / "tastes.json").write_text(json.dumps({"rows": rows, "checks": checks_json, "reward_accuracy": accuracy, "pools": pools, "runs": {t: str(p) for t, p in runs.items()}}, indent=2))
     path = root / "tastes.md"
-    path.write_text(tastes_markdown(rows, taste_checks, accuracy))
+    path.write_text(tastes_markdown(rows, taste_checks, accuracy, pools))
     return path
 
 
