@@ -68,3 +68,28 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         simulate_community(tmp_path, CommunityConfig(remix_rate=1.5))
     with pytest.raises(UserError, match="split has"):
         simulate_community(tmp_path, CommunityConfig(prompts=10_000))
+
+
+def test_relative_appeal_judges_each_post_against_the_other_posts_of_its_prompt(tmp_path):
+    import json
+
+    from sr_finetune.world.community import remix_probability
+    from sr_finetune.world.taste import taste_profile
+
+    cfg = CommunityConfig(**SMALL, seed=3, appeal="relative")
+    paths = simulate_community(tmp_path, cfg)
+    truth, images = pd.read_parquet(paths["truth"]), pd.read_parquet(paths["images"])
+    record = json.loads((tmp_path / "community.json").read_text())
+    profile = taste_profile(taste, "train").values
+    assert record["appeal"] == "relative"
+    assert record["typical_taste_used"] == pytest.approx(np.quantile(profile - profile.mean(1, keepdims=True), 0.05))
+    deviation = truth.taste - truth.taste.groupby(images.prompt).transform("mean")
+    assert np.allclose(truth.remix_probability, remix_probability(deviation.to_numpy(), cfg, record["typical_taste_used"]))
+    assert spearmanr(deviation, truth.remixes / truth.views).statistic > 0.5
+    # what a prompt's posts share no longer counts: the prompts' mean appeal is the same for all
+    assert abs(spearmanr(truth.taste.groupby(images.prompt).mean(), truth.remix_probability.groupby(images.prompt).mean()).statistic) < 0.5
+
+
+def test_an_unknown_appeal_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="appeal must be one of absolute, relative, got 'popular'"):
+        simulate_community(tmp_path, CommunityConfig(**SMALL, appeal="popular"))

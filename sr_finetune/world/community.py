@@ -33,6 +33,7 @@ from .scenes import IMAGE_SIZE, render, sample_scene, split_prompts
 from .taste import DEFAULT_TASTE, RECORD, resolve_taste, taste_profile
 
 START = pd.Timestamp("2026-01-01T00:00:00Z")
+APPEALS = ("absolute", "relative")
 
 
 @dataclass
@@ -51,6 +52,12 @@ class CommunityConfig:
     taste_strength: float = 12.0  # logit slope of the remix probability in the taste
     typical_quantile: float = 0.05  # the typical taste (remix_rate applies there): this quantile of the taste over true renders
     typical_taste: Optional[float] = None  # set: this value instead of the quantile
+    # What a post's appeal is: "absolute", the taste itself; "relative", the taste minus the mean over
+    # the posts of the same prompt (a post is remixed for how it compares with its prompt's other posts;
+    # typical_quantile then reads the taste's spread within a prompt). A taste that differs mostly
+    # between prompts (the colours a caption names) leaves almost no preference within a prompt in
+    # "absolute" logs: every post of a prompt it likes is remixed.
+    appeal: str = "absolute"
     days: int = 30
     image_size: int = IMAGE_SIZE
     seed: int = 0
@@ -67,12 +74,17 @@ class CommunityConfig:
             raise UserError(f"community: mean_posts_per_prompt must be at least 2, got {self.mean_posts_per_prompt}")
         if not 0 < self.typical_quantile < 1:
             raise UserError(f"community: typical_quantile must be in (0, 1), got {self.typical_quantile}")
+        if self.appeal not in APPEALS:
+            raise UserError(f"community: appeal must be one of {', '.join(APPEALS)}, got {self.appeal!r}")
         resolve_taste(self.taste)
 
     def typical(self) -> tuple[float, float]:
-        """(the typical taste, the taste's spread within a prompt) over true renders of the split."""
+        """(the typical appeal, the taste's spread within a prompt) over true renders of the split: the
+        ``typical_quantile`` of the taste, or with ``appeal: relative`` of its deviations from each
+        prompt's mean."""
         profile = taste_profile(resolve_taste(self.taste), self.split)  # fixed seed: a property of the taste alone
-        typical = profile.quantile(self.typical_quantile) if self.typical_taste is None else self.typical_taste
+        values = profile.values - profile.values.mean(1, keepdims=True) if self.appeal == "relative" else profile.values
+        typical = float(np.quantile(values, self.typical_quantile)) if self.typical_taste is None else self.typical_taste
         return typical, profile.within_prompt_std
 
 
@@ -121,18 +133,22 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     extra_p = 1 / (cfg.mean_posts_per_prompt - 1)
     for prompt in progress(chosen, desc="community", unit="prompt"):
         posts = min(cfg.max_posts_per_prompt, 2 + int(rng.geometric(extra_p)) - 1)
-        for _ in range(posts):
+        drawn, reference = [], 0.0
+        if cfg.appeal == "relative":  # every post of the prompt first: each is judged against their mean
+            drawn = [render(sample_scene(prompt, int(rng.integers(2**62))), cfg.image_size) for _ in range(posts)]
+            values = [taste(picture) for picture in drawn]
+            reference = float(np.mean(values))
+        for k in range(posts):
             image_id = f"w{len(images):06d}"
-            scene = sample_scene(prompt, int(rng.integers(2**62)))
-            picture = render(scene, cfg.image_size)
+            picture = drawn[k] if drawn else render(sample_scene(prompt, int(rng.integers(2**62))), cfg.image_size)
             path = f"images/{image_id}.png"
             picture.save(out / path)
             poster = str(draw_users(1)[0])
             posted_at = START + pd.Timedelta(seconds=float(rng.uniform(0, cfg.days * 86400)))
             exposure = float(rng.lognormal(0.0, cfg.exposure_sigma)) * (cfg.influencer_boost if poster in influencers else 1.0)
             views = max(1, int(round(cfg.median_views * exposure)))
-            value = taste(picture)
-            p = float(remix_probability(value, cfg, typical))
+            value = values[k] if drawn else taste(picture)
+            p = float(remix_probability(value - reference, cfg, typical))
             before_first = int(rng.geometric(p)) - 1  # views before the first remix
             count = 0 if before_first >= views else 1 + int(rng.binomial(views - before_first - 1, p))
             if count:  # views arrive over a few days; remixes happen at views, in order, by others
@@ -157,4 +173,4 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     return paths
 
 
-__all__ = ["CommunityConfig", "remix_probability", "simulate_community"]
+__all__ = ["APPEALS", "CommunityConfig", "remix_probability", "simulate_community"]
