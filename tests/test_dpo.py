@@ -150,6 +150,8 @@ def test_dpo_positive_charges_fitting_both_images_worse_and_nothing_for_fitting_
     assert plain[0] < plain[1]  # plain DPO prefers the wider margin, however it was reached
     assert positive[0] > plain[0] and positive[1] == pytest.approx(plain[1], abs=1e-7)
     assert positive[0] > positive[1]
+    plain_terms, positive_terms = (diffusion_dpo_loss(worse_both, ref, target, 10.0, positive_weight=w) for w in (0.0, 2.0))
+    assert positive_terms.reward_margin.item() == pytest.approx(plain_terms.reward_margin.item())  # the monitor is the plain margin
 
 
 # ---- one training step -------------------------------------------------------------------------

@@ -91,15 +91,15 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
         inside = -beta / 2 * ((model_diff - ref_diff) + lambda * max(0, e(model, x_w) - e(ref, x_w)))
 
     so a pair gains nothing from fitting its chosen image worse than the reference does: the
-    margin has to come from the rejected image, not from fitting both worse.
+    margin has to come from the rejected image, not from fitting both worse. The monitors
+    (``reward_accuracy``, ``reward_margin``) stay those of the plain margin.
     """
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
     inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
-    if positive_weight:
-        inside = inside - 0.5 * beta * positive_weight * F.relu(model_w - ref_w)
+    penalised = inside - 0.5 * beta * positive_weight * F.relu(model_w - ref_w) if positive_weight else inside
     return DpoTerms(
-        loss=-F.logsigmoid(inside).mean(),
+        loss=-F.logsigmoid(penalised).mean(),
         reward_accuracy=(inside > 0).float().mean().detach(),
         reward_margin=inside.mean().detach(),
         displacement=(0.5 * ((model_w - ref_w) + (model_l - ref_l))).detach(),
