@@ -266,7 +266,9 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
         skipped["rejected_low_confidence"] = int((~keep_worst).sum())
 
     if cfg.max_pairs is not None and len(owner) > cfg.max_pairs:
-        kept = np.sort(_largest(_random_key(manifest_ids.take(pa.array(pos[chosen_at])), cfg.seed + 1) if cfg.random_roles else best - worst, cfg.max_pairs))
+        # ascending: the largest gaps first (ties to the earlier pair); with random_roles a seeded order
+        order_key = ~_random_key(manifest_ids.take(pa.array(pos[chosen_at])), cfg.seed + 1) if cfg.random_roles else -(best - worst)
+        kept = np.sort(np.argsort(order_key, kind="stable")[: cfg.max_pairs])
         skipped["pairs_below_gap_cut"] = len(owner) - len(kept)
         owner, chosen_at, rejected_at, best, worst = owner[kept], chosen_at[kept], rejected_at[kept], best[kept], worst[kept]
         keep_best, keep_worst, p_best, p_worst = keep_best[kept], keep_worst[kept], p_best[kept], p_worst[kept]
@@ -297,11 +299,6 @@ def best_and_worst(manifest: pd.DataFrame, scores: pd.DataFrame, cfg: PairsConfi
     if cfg.swap_chosen_rejected:
         per_prompt = per_prompt.rename(columns=_swapped_role)
     return per_prompt, skipped
-
-
-def _largest(keys: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the ``count`` largest keys, ties to the earlier index (stable on every machine)."""
-    return np.argsort(-keys.astype(np.float64) if keys.dtype.kind == "f" else ~keys, kind="stable")[:count]
 
 
 def _random_key(image_ids, seed: int) -> np.ndarray:

@@ -133,7 +133,7 @@ def simulate_community(out_dir: str | os.PathLike, cfg: CommunityConfig | None =
     extra_p = 1 / (cfg.mean_posts_per_prompt - 1)
     for prompt in progress(chosen, desc="community", unit="prompt"):
         posts = min(cfg.max_posts_per_prompt, 2 + int(rng.geometric(extra_p)) - 1)
-        drawn, reference = [], 0.0
+        drawn, values, reference = [], [], 0.0
         if cfg.appeal == "relative":  # every post of the prompt first: each is judged against their mean
             drawn = [render(sample_scene(prompt, int(rng.integers(2**62))), cfg.image_size) for _ in range(posts)]
             values = [taste(picture) for picture in drawn]
