@@ -93,3 +93,15 @@ def test_relative_appeal_judges_each_post_against_the_other_posts_of_its_prompt(
 def test_an_unknown_appeal_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="appeal must be one of absolute, relative, got 'popular'"):
         simulate_community(tmp_path, CommunityConfig(**SMALL, appeal="popular"))
+
+
+def test_the_world_community_command_takes_the_taste_and_the_appeal(tmp_path):
+    import json
+
+    from sr_finetune.commands.cli import main
+
+    assert main(["world", "community", str(tmp_path), "--prompts", "12", "--users", "40", "--taste", "muted", "--appeal", "relative"]) == 0
+    record = json.loads((tmp_path / "community.json").read_text())
+    assert (record["taste"], record["appeal"], record["prompts"]) == ("muted", "relative", 12)
+    truth = pd.read_parquet(tmp_path / "truth.parquet")
+    assert np.allclose(truth.taste, [resolve_taste("muted")(Image.open(tmp_path / p)) for p in pd.read_parquet(tmp_path / "images.parquet").path])

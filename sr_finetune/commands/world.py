@@ -1,7 +1,7 @@
 """``sr-finetune world ...``: make and inspect the demo world (command layer; wires the core's
 world with the reward floor's world CLIP, importing each lazily).
 
-    sr-finetune world community OUT [--prompts N] [--seed S]
+    sr-finetune world community OUT [--prompts N] [--users N] [--taste T] [--appeal A] [--seed S]
     sr-finetune world train-base OUT [--vae-steps N] [--steps N] [...] [--resume] [--export-checkpoint]
     sr-finetune world train-clip OUT [--steps N] [--batch-size N] [--resume]
     sr-finetune world fidelity MODEL_DIR [--prompts N] [--guidance G] [--out DIR]
@@ -25,7 +25,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def _community(args: argparse.Namespace) -> int:
     from ..world.community import CommunityConfig, simulate_community
 
-    paths = simulate_community(args.out_dir, CommunityConfig(prompts=args.prompts, users=args.users, seed=args.seed))
+    cfg = CommunityConfig(prompts=args.prompts, users=args.users, seed=args.seed, **_given(args, "taste", "appeal"))
+    paths = simulate_community(args.out_dir, cfg)
     logger.info("community logs written: %s", ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return 0
 
@@ -98,6 +99,8 @@ def add_world_parser(sub: argparse._SubParsersAction) -> None:
     community.add_argument("out_dir")
     community.add_argument("--prompts", type=int, default=300)
     community.add_argument("--users", type=int, default=400)
+    community.add_argument("--taste", help="a named taste or module:function (default: CommunityConfig's, large-centred)")
+    community.add_argument("--appeal", help="absolute (default) or relative: each post against its prompt's other posts")
     community.add_argument("--seed", type=int, default=0)
     community.set_defaults(func=_community)
 
