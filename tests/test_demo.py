@@ -102,6 +102,10 @@ def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
     row = model_rows(_results(0.6, 0.49, (1.0, 0.9), (0.30, 0.24)))["sft"]
     assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.75}})] == [False] * 6
     assert [ok for _, ok in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.5}})][-2:] == [False, True]
+    # the taste's own accuracy on the same triplets stands beside the bar, when it was measured
+    described = [text for text, _ in checks(row, {"social_reward": {"accuracy": 0.7}, "clip": {"accuracy": 0.5}, "world_judge": {"accuracy": 0.745}})]
+    assert described[-2] == "Social Reward pairwise accuracy 70.0% >= 80.0% (the taste itself: 74.5%)"
+    assert "taste itself" not in checks(row, accuracy)[-2][0]
 
 
 UNGUIDED_POOL = "generate.guidance_scale=1.0"  # the base model's own distribution, as the paper's recipe was checked on

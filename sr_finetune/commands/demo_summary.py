@@ -128,12 +128,13 @@ def comparisons(arms: list[str], controls: dict[str, str] | None = None, mirrors
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     """(description, passed) for each target, for one fine-tuned model."""
     reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
+    ceiling = f" (the taste itself: {_pct(accuracy[JUDGE]['accuracy'])})" if JUDGE in accuracy else ""  # a bar above it can't be met
     return [
         (f"judge win-rate {_pct(model['judge_win_rate'])} >= {_pct(TARGETS['judge_win_rate'])}", model["judge_win_rate"] >= TARGETS["judge_win_rate"]),
         (f"judge win-rate CI low {_pct(model['judge_ci_low'])} > {_pct(TARGETS['judge_ci_low'])}", model["judge_ci_low"] > TARGETS["judge_ci_low"]),
         (f"mean Social Reward {model[REWARD]:.3f} > base {model[REWARD + '_base']:.3f}", model[REWARD] > model[REWARD + "_base"]),
         (f"prompt fidelity {_pct(model[FIDELITY])} vs base {_pct(model[FIDELITY + '_base'])} (at most {TARGETS['fidelity_drop_points']:.0f} points below)", model["fidelity_change_points"] >= -TARGETS["fidelity_drop_points"]),
-        (f"Social Reward pairwise accuracy {_pct(reward)} >= {_pct(TARGETS['reward_accuracy'])}", reward >= TARGETS["reward_accuracy"]),
+        (f"Social Reward pairwise accuracy {_pct(reward)} >= {_pct(TARGETS['reward_accuracy'])}{ceiling}", reward >= TARGETS["reward_accuracy"]),
         (f"Social Reward pairwise accuracy {_pct(reward)} above the untrained CLIP's {_pct(untrained)}", reward > untrained),
     ]
 
