@@ -54,9 +54,9 @@ class CommunityConfig:
     typical_taste: Optional[float] = None  # set: this value instead of the quantile
     # What a post's appeal is: "absolute", the taste itself; "relative", the taste minus the mean over
     # the posts of the same prompt (a post is remixed for how it compares with its prompt's other posts;
-    # typical_quantile then reads the taste's spread within a prompt). A taste that differs mostly
-    # between prompts (the colours a caption names) leaves almost no preference within a prompt in
-    # "absolute" logs: every post of a prompt it likes is remixed.
+    # typical_quantile then reads the taste's spread within a prompt). A taste that differs far more
+    # between prompts than within one (the saturation of the colours a caption names) can leave almost
+    # no preference within a prompt in "absolute" logs: every post of a prompt it likes is remixed.
     appeal: str = "absolute"
     days: int = 30
     image_size: int = IMAGE_SIZE
