@@ -83,8 +83,7 @@ class CommunityConfig:
         ``typical_quantile`` of the taste, or with ``appeal: relative`` of its deviations from each
         prompt's mean."""
         profile = taste_profile(resolve_taste(self.taste), self.split)  # fixed seed: a property of the taste alone
-        values = profile.values - profile.values.mean(1, keepdims=True) if self.appeal == "relative" else profile.values
-        typical = float(np.quantile(values, self.typical_quantile)) if self.typical_taste is None else self.typical_taste
+        typical = profile.quantile(self.typical_quantile, within_prompt=self.appeal == "relative") if self.typical_taste is None else self.typical_taste
         return typical, profile.within_prompt_std
 
 

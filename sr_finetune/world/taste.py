@@ -172,10 +172,20 @@ class TasteProfile:
     """A taste's distribution over true renders of a split: every value, and the spread within a prompt."""
 
     values: np.ndarray  # [prompts, renders_per_prompt]
-    within_prompt_std: float  # pooled standard deviation around each prompt's mean
 
-    def quantile(self, q: float) -> float:
-        return float(np.quantile(self.values, q))
+    @property
+    def deviations(self) -> np.ndarray:
+        """Each value minus the mean of its prompt's values."""
+        return self.values - self.values.mean(1, keepdims=True)
+
+    @property
+    def within_prompt_std(self) -> float:
+        """Pooled standard deviation around each prompt's mean."""
+        return float(np.sqrt((self.deviations**2).sum() / (self.values.size - len(self.values))))
+
+    def quantile(self, q: float, within_prompt: bool = False) -> float:
+        """The ``q`` quantile of the values, or with ``within_prompt`` of their deviations."""
+        return float(np.quantile(self.deviations if within_prompt else self.values, q))
 
 
 def taste_profile(taste: Taste, split: str = "train", prompts: int = 200, renders_per_prompt: int = 5, seed: int = 0) -> TasteProfile:
@@ -184,9 +194,7 @@ def taste_profile(taste: Taste, split: str = "train", prompts: int = 200, render
     pool = split_prompts(split)
     rng = np.random.default_rng(seed)
     picked = [pool[i] for i in rng.choice(len(pool), size=min(prompts, len(pool)), replace=False)]
-    values = np.array([[taste(render(sample_scene(p, int(rng.integers(2**62))))) for _ in range(renders_per_prompt)] for p in picked])
-    within = float(np.sqrt(((values - values.mean(1, keepdims=True)) ** 2).sum() / (values.size - len(picked))))
-    return TasteProfile(values, within)
+    return TasteProfile(np.array([[taste(render(sample_scene(p, int(rng.integers(2**62))))) for _ in range(renders_per_prompt)] for p in picked]))
 
 
 __all__ = [
