@@ -452,6 +452,7 @@ def test_dpo_without_the_pair_table_names_the_folder_and_keep_pairs(tiny_sd, fin
         ("objective=dpo dpo_positive_weight=-0.5", "dpo_positive_weight: must be >= 0"),
         ("objective=dpo snr_gamma=5", "snr_gamma: weights the sft loss"),
         ("alternate_roles=true", "alternate_roles: swaps the roles of dpo's pairs; objective=sft has none"),
+        ("dpo_gap_weighting=true", "dpo_gap_weighting: weights dpo's pairs; objective=sft has none"),
     ],
 )
 def test_bad_dpo_settings_are_one_line_config_errors(override, message):
@@ -475,3 +476,60 @@ def test_two_processes_train_dpo_with_lora(tiny_sd, dpo_set, tmp_path):
     assert (out / "checkpoint-2" / "random_states_1.pkl").exists()
     trained, base = unet_weights(out), unet_weights(tiny_sd)
     assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+# ---- pairs weighted by their reward gap ------------------------------------------------------------
+
+
+def test_pair_weights_multiply_each_pairs_loss_before_the_mean():
+    model, ref, target = random_preds(3, pairs=4)
+    weights = torch.tensor([0.5, 2.0, 0.0, 1.5])
+    per_pair = [diffusion_dpo_loss(model[[i, 4 + i]].float(), ref[[i, 4 + i]].float(), target[[i, 4 + i]].float(), 10.0).loss.item() for i in range(4)]
+    weighted = diffusion_dpo_loss(model.float(), ref.float(), target.float(), 10.0, pair_weights=weights)
+    assert weighted.loss.item() == pytest.approx(sum(w * l for w, l in zip(weights.tolist(), per_pair)) / 4, rel=1e-5)
+    plain = diffusion_dpo_loss(model.float(), ref.float(), target.float(), 10.0, pair_weights=torch.ones(4))
+    assert plain.loss.item() == pytest.approx(sum(per_pair) / 4, rel=1e-5)
+    # the monitors stay those of the plain margin
+    assert weighted.reward_margin.item() == pytest.approx(plain.reward_margin.item(), rel=1e-6)
+
+
+def test_reward_gap_weights_are_the_gaps_over_their_mean_whatever_the_roles():
+    from datasets import Dataset
+
+    from sr_finetune.training.pair_data import reward_gap_weights
+
+    table = Dataset.from_dict({"chosen_score": [0.9, 0.5, 0.2], "rejected_score": [0.1, 0.4, 0.5]})  # gaps 0.8, 0.1, 0.3 (swapped)
+    np.testing.assert_allclose(reward_gap_weights(table).numpy(), np.array([0.8, 0.1, 0.3]) / 0.4, rtol=1e-6)
+    with pytest.raises(UserError, match=r"dpo_gap_weighting: t/pairs row 1 has a score that is not a number \(1 such rows\)"):
+        reward_gap_weights(Dataset.from_dict({"chosen_score": [0.9, float("nan")], "rejected_score": [0.1, 0.2]}), "t/pairs")
+    with pytest.raises(UserError, match="every pair of t/pairs has equal scores"):
+        reward_gap_weights(Dataset.from_dict({"chosen_score": [0.5, 0.2], "rejected_score": [0.5, 0.2]}), "t/pairs")
+    with pytest.raises(UserError, match=r"t/pairs lacks column\(s\) \['rejected_score'\]"):
+        reward_gap_weights(Dataset.from_dict({"chosen_score": [0.5]}), "t/pairs")
+
+
+def test_each_example_carries_its_pairs_weight_into_the_batch():
+    from sr_finetune.training.pair_data import PairDataset, collate_pairs
+
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    pairs = PairDataset(RowImages(2 * 3), num_pairs=3, num_regularization=0, seed=0, weights=weights)
+    items = pairs.__getitems__([(1, 2), (1, 0)])
+    assert [item["weight"].item() for item in items] == [1.5, 0.5]
+    with pytest.raises(ValueError, match="2 pair weights for 3 pairs"):
+        PairDataset(RowImages(6), num_pairs=3, num_regularization=0, seed=0, weights=weights[:2])
+
+
+def test_dpo_run_with_gap_weighting_weights_its_pairs_by_the_reward_gap(tiny_sd, dpo_set, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from sr_finetune.training import pair_data
+
+    calls = record_calls(monkeypatch, pair_data.PairDataset, "__getitems__")
+    run_finetune(dpo_cfg(tiny_sd, dpo_set, tmp_path / "ft", dpo_gap_weighting=True, max_train_steps=2))
+    table = load_from_disk(str(dpo_set / "pairs"))
+    gaps = np.abs(np.asarray(table["chosen_score"]) - np.asarray(table["rejected_score"]))
+    np.testing.assert_allclose(calls[0].weights.numpy(), gaps / gaps.mean(), rtol=1e-6)
+    assert "| dpo_gap_weighting | True |" in (tmp_path / "ft" / "README.md").read_text()
+    # a different weighting trains different weights from the same pairs and seed
+    run_finetune(dpo_cfg(tiny_sd, dpo_set, tmp_path / "plain", max_train_steps=2))
+    assert not torch.equal(unet_weights(tmp_path / "ft")["conv_in.weight"], unet_weights(tmp_path / "plain")["conv_in.weight"])

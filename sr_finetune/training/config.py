@@ -121,6 +121,9 @@ class FinetuneConfig:
     # control with no direction: every pair is trained both ways in turn, so no draw of roles can
     # carry one through the run.
     alternate_roles: bool = False
+    # dpo: weight each pair's loss by its reward gap, |chosen_score - rejected_score| over the mean gap of
+    # the pair table (mean weight 1): a pair the reward barely tells apart, more often wrong, counts less.
+    dpo_gap_weighting: bool = False
     # data
     resolution: int = 512
     center_crop: bool = True
@@ -199,6 +202,7 @@ class FinetuneConfig:
         require(self.dpo_sft_weight >= 0, "dpo_sft_weight", f"must be >= 0 (0 turns the regularisation term off), got {self.dpo_sft_weight}")
         require(self.dpo_positive_weight >= 0, "dpo_positive_weight", f"must be >= 0 (0 is plain Diffusion-DPO), got {self.dpo_positive_weight}")
         require(self.dpo_anchor_weight >= 0, "dpo_anchor_weight", f"must be >= 0 (0 turns the anchor off), got {self.dpo_anchor_weight}")
+        require(not self.dpo_gap_weighting or self.objective == "dpo", "dpo_gap_weighting", f"weights dpo's pairs; objective={self.objective} has none (set objective=dpo or dpo_gap_weighting=false)")
         require(not self.alternate_roles or self.objective == "dpo", "alternate_roles", f"swaps the roles of dpo's pairs; objective={self.objective} has none (set objective=dpo or alternate_roles=false)")
         require(self.objective != "dpo" or self.snr_gamma is None, "snr_gamma", "weights the sft loss; objective=dpo does not use it (set snr_gamma=null)")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", f"must be positive, got {self.snr_gamma}")

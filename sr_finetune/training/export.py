@@ -92,7 +92,7 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
         "lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps, "optimizer": cfg.optimizer, "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm, "prediction_type": prediction_type, "snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
         "use_ema": cfg.use_ema, "ema_decay": cfg.ema_decay if cfg.use_ema else None, "mixed_precision": cfg.mixed_precision, "seed": cfg.seed,
-        "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight, "dpo_anchor_weight": cfg.dpo_anchor_weight, "dpo_positive_weight": cfg.dpo_positive_weight, "alternate_roles": cfg.alternate_roles} if cfg.objective == "dpo" else {}),
+        "objective": cfg.objective, **({"dpo_beta": cfg.dpo_beta, "dpo_sft_weight": cfg.dpo_sft_weight, "dpo_anchor_weight": cfg.dpo_anchor_weight, "dpo_positive_weight": cfg.dpo_positive_weight, "alternate_roles": cfg.alternate_roles, "dpo_gap_weighting": cfg.dpo_gap_weighting} if cfg.objective == "dpo" else {}),
     }
     if cfg.objective in ("backprop", "pg"):
         hyper.update({f"online.{k}": v for k, v in vars(cfg.online).items() if k not in ("prompts", "reward_options", "added_rewards")})
@@ -111,6 +111,8 @@ def model_card_text(cfg, counts: dict[str, int], global_step: int, prediction_ty
             regularization += f"; DPO-Positive (Pal et al. 2024, lambda {cfg.dpo_positive_weight:g}): no margin from fitting the chosen image worse than the base"
         if cfg.alternate_roles:
             regularization += "; each pair's roles swapped in every odd epoch (a control with no direction)"
+        if cfg.dpo_gap_weighting:
+            regularization += "; each pair's loss weighted by its reward gap over the mean gap"
         per_prompt = int((pairs_summary or {}).get("config", {}).get("pairs_per_prompt", 1))
         pairing = ("one pair per prompt,\nthe best- against the worst-rated image" if per_prompt == 1
                    else f"up to {per_prompt} pairs per prompt,\nthe i-th best- against the i-th worst-rated image")

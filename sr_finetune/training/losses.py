@@ -63,7 +63,7 @@ class DpoTerms:
     displacement: torch.Tensor  # per pair: ((e(model, x_w) - e(ref, x_w)) + (e(model, x_l) - e(ref, x_l))) / 2
 
 
-def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, positive_weight: float = 0.0) -> DpoTerms:
+def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, positive_weight: float = 0.0, pair_weights: torch.Tensor | None = None) -> DpoTerms:
     """Diffusion-DPO (Wallace et al. 2023, Eq. 14 with one timestep per pair) on ``[chosen; rejected]`` batches.
 
     The first half of each tensor holds the chosen images x_w, the second half the rejected x_l of
@@ -93,13 +93,16 @@ def diffusion_dpo_loss(model_pred: torch.Tensor, ref_pred: torch.Tensor, target:
     so a pair gains nothing from fitting its chosen image worse than the reference does: the
     margin has to come from the rejected image, not from fitting both worse. The monitors
     (``reward_accuracy``, ``reward_margin``) stay those of the plain margin.
+
+    ``pair_weights`` (one per pair) multiply the per-pair losses before their mean.
     """
     model_w, model_l = per_sample_mse(model_pred, target).chunk(2)
     ref_w, ref_l = per_sample_mse(ref_pred, target).detach().chunk(2)
     inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
     penalised = inside - 0.5 * beta * positive_weight * F.relu(model_w - ref_w) if positive_weight else inside
+    per_pair = -F.logsigmoid(penalised)
     return DpoTerms(
-        loss=-F.logsigmoid(penalised).mean(),
+        loss=(per_pair if pair_weights is None else per_pair * pair_weights.to(per_pair.dtype)).mean(),
         reward_accuracy=(inside > 0).float().mean().detach(),
         reward_margin=inside.mean().detach(),
         displacement=(0.5 * ((model_w - ref_w) + (model_l - ref_l))).detach(),

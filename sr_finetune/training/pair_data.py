@@ -53,6 +53,22 @@ def rows_with_role(table, role: str):
     return concatenate_datasets([table.select(range(int(run[0]), int(run[-1]) + 1)) for run in runs])
 
 
+def reward_gap_weights(pairs, source: str = "pair table") -> torch.Tensor:
+    """One weight per pair: its reward gap ``|chosen_score - rejected_score|`` over the mean gap (mean 1)."""
+    import numpy as np
+
+    missing = [c for c in ("chosen_score", "rejected_score") if c not in pairs.column_names]
+    if missing:
+        raise UserError(f"dpo_gap_weighting: {source} lacks column(s) {missing} (rebuild it with build-pairs and pairs.keep_pairs=true)")
+    gaps = np.abs(np.asarray(pairs["chosen_score"], dtype=np.float64) - np.asarray(pairs["rejected_score"], dtype=np.float64))
+    bad = np.flatnonzero(~np.isfinite(gaps))
+    if len(bad):
+        raise UserError(f"dpo_gap_weighting: {source} row {int(bad[0])} has a score that is not a number ({len(bad)} such rows)")
+    if gaps.mean() <= 0:
+        raise UserError(f"dpo_gap_weighting: every pair of {source} has equal scores; there is no gap to weight by")
+    return torch.from_numpy(gaps / gaps.mean()).float()
+
+
 def pair_image_table(pairs, regularization=None):
     """One row per image (``image, text, role, prompt_id``): the chosen images of the pairs, their
     rejected images in the same order, then the regularisation rows.
@@ -80,11 +96,15 @@ class PairDataset(torch.utils.data.Dataset):
     when ``num_regularization`` > 0, one regularisation row: per epoch a seeded permutation of those
     rows, indexed by the pair, so the draw is a pure function of ``(seed, epoch, pair)`` (exact resume).
     With ``alternate_roles`` the chosen and the rejected image trade places in every odd epoch.
+    With ``weights`` (one per pair) each example carries its pair's ``weight``.
     """
 
-    def __init__(self, images: FinetuneDataset, num_pairs: int, num_regularization: int, seed: int, alternate_roles: bool = False):
+    def __init__(self, images: FinetuneDataset, num_pairs: int, num_regularization: int, seed: int, alternate_roles: bool = False, weights: torch.Tensor | None = None):
         if len(images) != 2 * num_pairs + num_regularization:
             raise ValueError(f"{len(images)} image rows for {num_pairs} pairs and {num_regularization} regularisation rows")
+        if weights is not None and len(weights) != num_pairs:
+            raise ValueError(f"{len(weights)} pair weights for {num_pairs} pairs")
+        self.weights = weights
         self.images = images
         self.num_pairs = num_pairs
         self.num_regularization = num_regularization
@@ -104,6 +124,9 @@ class PairDataset(torch.utils.data.Dataset):
         chosen = self.images.examples([(epoch, pair + n * s) for (epoch, pair), s in zip(keys, swapped)], augment_keys=keys)
         rejected = self.images.examples([(epoch, pair + n * (not s)) for (epoch, pair), s in zip(keys, swapped)], augment_keys=keys)
         items = [{"chosen": c, "rejected": r, "prompt_id": c["prompt_id"]} for c, r in zip(chosen, rejected)]
+        if self.weights is not None:
+            for item, (_, pair) in zip(items, keys):
+                item["weight"] = self.weights[pair]
         if self.num_regularization:
             regularization = self.images.examples([(epoch, 2 * n + self.regularization_row(epoch, pair)) for epoch, pair in keys])
             for item, row in zip(items, regularization):
@@ -122,4 +145,6 @@ def collate_pairs(items: list[dict]) -> dict:
     """A batch of pairs: ``chosen``, ``rejected`` (and ``regularization``) sub-batches, each as :func:`collate` makes them."""
     batch = {part: collate([item[part] for item in items]) for part in PARTS if part in items[0]}
     batch["prompt_id"] = [item["prompt_id"] for item in items]
+    if "weight" in items[0]:
+        batch["weight"] = torch.stack([item["weight"] for item in items])
     return batch

@@ -65,7 +65,7 @@ from .data import EpochSampler, FinetuneDataset, build_cached_table, check_negat
 from .export import model_card_text, read_pairs_summary, save_pipeline, trained_negative_prompt, write_model_card, write_sampling_record
 from .losses import denoising_loss, diffusion_dpo_loss, min_snr_weights, snr, training_target
 from .online import OBJECTIVE_STEPS, OnlineRun, RewardLoader, images_per_step, load_online_reward
-from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, rows_with_role
+from .pair_data import PairDataset, collate_pairs, load_pair_table, pair_image_table, reward_gap_weights, rows_with_role
 from .reference import Reference, frozen_copy
 
 logger = logging.getLogger(__name__)
@@ -331,7 +331,8 @@ def compute_dpo_loss(batch: dict, *, unet, text_encoder, vae, noise_scheduler, p
     target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
     ref_prompts = reference.text_states(batch["chosen"]["input_ids"]) if reference.text_encoder is not None else prompts.detach()
     ref_pred = reference.prediction(noisy_latents[: 2 * n], timesteps[: 2 * n], torch.cat([ref_prompts, ref_prompts]))
-    terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta, cfg.dpo_positive_weight)
+    weights = batch["weight"].to(model_pred.device) if "weight" in batch else None
+    terms = diffusion_dpo_loss(model_pred[: 2 * n], ref_pred, target[: 2 * n], cfg.dpo_beta, cfg.dpo_positive_weight, weights)
     metrics = {"reward_accuracy": terms.reward_accuracy, "reward_margin": terms.reward_margin, "displacement": terms.displacement.mean()}
     loss = terms.loss
     if cfg.dpo_anchor_weight:  # the pairs' own images, both roles: holds the fit to them, not a direction
@@ -410,9 +411,9 @@ def log_validation(cfg: FinetuneConfig, accelerator, *, unet, text_encoder, vae,
     return images
 
 
-def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, text_encoder, tokenizer, output_dir: Path, weight_dtype: torch.dtype, dpo: bool):
+def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, text_encoder, tokenizer, output_dir: Path, weight_dtype: torch.dtype, dpo: bool, pair_weights: torch.Tensor | None = None):
     """The fine-tune set's DataLoader (latent / text caches built first), its sampler, and the run's
-    number of optimizer steps and epochs."""
+    number of optimizer steps and epochs (``pair_weights``: dpo's per-pair loss weights)."""
     device = accelerator.device
     cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
     table = build_cached_table(
@@ -424,7 +425,7 @@ def build_loader(cfg: FinetuneConfig, table, counts: dict, accelerator, vae, tex
         empty_embeds = encode_texts(text_encoder, tokenizer, [""], device)[0]
     dataset = FinetuneDataset(table, tokenizer, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.seed, cfg.empty_prompt_share, empty_embeds)
     if dpo:
-        dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed, cfg.alternate_roles)
+        dataset = PairDataset(dataset, counts["pairs"], counts["regularization"], cfg.seed, cfg.alternate_roles, pair_weights)
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate_pairs if dpo else collate, num_workers=cfg.dataloader_num_workers,
@@ -475,12 +476,14 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         counts = {"prompts": len(prompt_set)}
     else:
         table = load_finetune_table(cfg.dataset)  # checked before any model loads
+    pair_weights = None
     if dpo:
         pairs = load_pair_table(cfg.dataset)
         regularization = rows_with_role(table, "regularization") if cfg.dpo_sft_weight else None
         if cfg.dpo_sft_weight and regularization is None:
             raise UserError(f"dpo_sft_weight={cfg.dpo_sft_weight} trains on the regularization rows, but {cfg.dataset} has none (set dpo_sft_weight=0)")
         counts = {"pairs": len(pairs), "regularization": 0 if regularization is None else len(regularization)}
+        pair_weights = reward_gap_weights(pairs, f"{cfg.dataset}/pairs") if cfg.dpo_gap_weighting else None
         table = pair_image_table(pairs, regularization)
     elif not online:
         counts = role_counts(table)
@@ -499,9 +502,11 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         rows = f"{len(prompt_set)} prompts from {cfg.online.prompts}"
         layout = f"{rows}, {cfg.online.prompts_per_step} prompts x {cfg.online.group_size} images x {accelerator.num_processes} processes"
     else:
-        loader, sampler, max_train_steps, num_epochs = build_loader(cfg, table, counts, accelerator, vae, text_encoder, tokenizer, output_dir, weight_dtype, dpo)
+        loader, sampler, max_train_steps, num_epochs = build_loader(cfg, table, counts, accelerator, vae, text_encoder, tokenizer, output_dir, weight_dtype, dpo, pair_weights)
         updates_per_step = 1
         rows = (f"{len(loader.dataset)} pairs" + (" + regularization" if counts["regularization"] else "")) if dpo else f"{len(loader.dataset)} rows"
+        if pair_weights is not None:
+            rows += f" weighted by reward gap (weights {pair_weights.min():.2f}-{pair_weights.max():.2f}, mean 1)"
         layout = f"{rows}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes, accumulation {cfg.gradient_accumulation_steps}"
 
     # --- optimizer, schedule, EMA
