@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -320,6 +321,11 @@ def test_half_precision_runs_score_every_metric_close_to_fp32(tmp_path, sid_tabl
         tables[run_dtype] = pd.read_parquet(tmp_path / run_dtype / "scores.parquet").set_index("image_id")[settings["metrics"]]
     error = (tables[dtype] - tables["fp32"]).abs().max()
     scale = tables["fp32"].abs().max()
+    spread = tables["fp32"].max() - tables["fp32"].min()
     assert tables[dtype].notna().all().all()
     assert (error > 0).sum() >= 4  # the run did compute in half precision
-    assert (error <= 0.02 * scale + 0.01).all(), error.to_dict()  # bf16 keeps 8 bits of mantissa
+    # bf16 keeps 8 bits of mantissa: within 2% of the largest score, or, for a logit such as PickScore's
+    # (100 x a cosine: a cosine's rounding times 100; 0.29 on an Intel Xeon), within 5% of the spread
+    # between the images, which is what a ranking reads
+    tolerance = np.maximum(0.02 * scale + 0.01, 0.05 * spread)
+    assert (error <= tolerance).all(), (error.to_dict(), tolerance.to_dict())
