@@ -108,6 +108,23 @@ def test_summary_checks_use_same_seed_image_pairs_and_fidelity_points():
     assert "taste itself" not in checks(row, accuracy)[-2][0]
 
 
+def test_the_reward_must_show_with_its_ci_that_it_learnt_more_than_the_untrained_clip():
+    from sr_finetune.commands.demo_summary import RELATIVE_HINT, learned_check, summary_markdown
+
+    # saturated's reward under the absolute appeal: 60.3% against the untrained CLIP's 59.3%, its CI reaching below
+    barely = {"social_reward": {"accuracy": 0.603, "ci_low": 0.55, "ci_high": 0.66}, "clip": {"accuracy": 0.593, "ci_low": 0.54, "ci_high": 0.64}}
+    assert learned_check(barely) == ("Social Reward pairwise accuracy 60.3% (CI low 55.0%) above the untrained CLIP's 59.3%", False)
+    learned = {**barely, "social_reward": {"accuracy": 0.824, "ci_low": 0.795, "ci_high": 0.854}}
+    assert learned_check(learned)[1]
+    row = model_rows(_results(0.7, 0.6, (1.0, 1.2), (0.30, 0.26)))["sft"]
+    assert checks(row, barely)[-1] == learned_check(barely)
+    # the hint to try the relative appeal: only where the reward learnt nothing under the absolute one
+    assert RELATIVE_HINT in summary_markdown(barely, {"sft": row}, "report.html", ["sft"], appeal="absolute")
+    assert RELATIVE_HINT not in summary_markdown(barely, {"sft": row}, "report.html", ["sft"], appeal="relative")
+    assert RELATIVE_HINT not in summary_markdown(learned, {"sft": row}, "report.html", ["sft"], appeal="absolute")
+    assert "appeal=relative" in RELATIVE_HINT and len(RELATIVE_HINT.splitlines()) == 1
+
+
 UNGUIDED_POOL = "generate.guidance_scale=1.0"  # the base model's own distribution, as the paper's recipe was checked on
 
 

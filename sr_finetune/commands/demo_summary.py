@@ -4,7 +4,7 @@ results (``accuracy/accuracy.json``, ``eval/results.json``) and checked against 
 Targets (the demo world's acceptance): the fine-tuned model beats the base on the judge in at
 least 65% of same-seed image pairs with the CI's lower bound above 50%, has a higher mean Social
 Reward, and keeps prompt fidelity within 5 points; Social Reward's held-out pairwise accuracy is
-at least 80% and above the untrained CLIP's.
+at least 80% and above the untrained CLIP's (the CI's lower bound above the CLIP's accuracy).
 """
 
 from __future__ import annotations
@@ -135,8 +135,23 @@ def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
         (f"mean Social Reward {model[REWARD]:.3f} > base {model[REWARD + '_base']:.3f}", model[REWARD] > model[REWARD + "_base"]),
         (f"prompt fidelity {_pct(model[FIDELITY])} vs base {_pct(model[FIDELITY + '_base'])} (at most {TARGETS['fidelity_drop_points']:.0f} points below)", model["fidelity_change_points"] >= -TARGETS["fidelity_drop_points"]),
         (f"Social Reward pairwise accuracy {_pct(reward)} >= {_pct(TARGETS['reward_accuracy'])}{ceiling}", reward >= TARGETS["reward_accuracy"]),
-        (f"Social Reward pairwise accuracy {_pct(reward)} above the untrained CLIP's {_pct(untrained)}", reward > untrained),
+        learned_check(accuracy),
     ]
+
+
+def learned_check(accuracy: dict[str, dict]) -> tuple[str, bool]:
+    """Has the reward learnt more than the untrained CLIP knew: its CI's lower bound above the CLIP's
+    accuracy (the accuracy itself where no CI was measured)."""
+    reward, untrained = accuracy[REWARD], accuracy[UNTRAINED]["accuracy"]
+    low = reward.get("ci_low", reward["accuracy"])
+    return f"Social Reward pairwise accuracy {_pct(reward['accuracy'])} (CI low {_pct(low)}) above the untrained CLIP's {_pct(untrained)}", low > untrained
+
+
+RELATIVE_HINT = (
+    "The reward has not shown that it learnt more than the untrained CLIP knew: the community's logs hold little preference "
+    "within a prompt, as when its taste varies mostly between prompts. `demo.community.appeal=relative` has each post judged "
+    "against its prompt's other posts (README, \"Tastes\")."
+)
 
 
 def direction_checks(versus: dict[str, dict], controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None) -> list[tuple[str, bool]]:
@@ -215,7 +230,10 @@ def _checklist(items: list[tuple[str, bool]]) -> list[str]:
 def summary_markdown(
     accuracy: dict[str, dict], models: dict[str, dict], report: str, arms: list[str], stages: dict[str, dict] | None = None,
     pool: dict | None = None, versus: dict | None = None, controls: dict[str, str] | None = None, mirrors: dict[str, str] | None = None,
+    appeal: str | None = None,
 ) -> str:
+    """The summary's markdown; with ``appeal`` (the community's), a reward that learnt nothing under the
+    absolute appeal is followed by the hint to try the relative one."""
     lines = ["# Demo world: results", "", f"Report with image grids: {report}", "", "## Social Reward model: pairwise accuracy on held-out triplets", "",
              "| scorer | accuracy (tie = ½) | 95% CI |", "| --- | ---: | --- |"]  # fmt: skip
     labels = {REWARD: "Social Reward (trained)", UNTRAINED: "untrained world CLIP", JUDGE: "the hidden taste (judge; a ceiling)"}
@@ -247,6 +265,8 @@ def summary_markdown(
     for arm in arms[:1]:  # the targets are the demo's method's (the first arm); the other arms are compared with it above
         if arm in models:
             lines += [f"## Targets ({arm})", ""] + _checklist(checks(models[arm], accuracy))
+    if appeal == "absolute" and REWARD in accuracy and UNTRAINED in accuracy and not learned_check(accuracy)[1]:
+        lines += [RELATIVE_HINT, ""]
     direction = direction_checks(versus or {}, controls, mirrors) + parity_checks(models, arms, controls, mirrors)
     if direction:
         lines += ["## The reward's direction (against the control)", ""] + _checklist(direction)
@@ -285,7 +305,7 @@ def write_summary(demo) -> Path:
                        "parity": dict(parity_checks(models, arms, controls, mirrors))}, "stages": stages, "pool": pool}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(data, indent=2))
     path = out / "summary.md"
-    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus, controls, mirrors))
+    path.write_text(summary_markdown(accuracy, models, str(evaluation / "report.html"), arms, stages, pool, versus, controls, mirrors, demo.cfg.community.appeal))
     return path
 
 
@@ -344,4 +364,4 @@ def write_tastes_summary(root: Path, runs: dict[str, Path], arms: list[str]) -> 
     return path
 
 
-__all__ = ["CONTROL_ARM", "PARITY", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "controls_of", "mirror_of", "named_control", "direction_checks", "parity_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
+__all__ = ["CONTROL_ARM", "PARITY", "TARGETS", "accuracy_rows", "arms_versus", "checks", "comparisons", "control_arms", "control_of", "controls_of", "mirror_of", "named_control", "direction_checks", "learned_check", "parity_checks", "model_rows", "pool_selection", "stages_of_run", "summary_markdown", "taste_rows", "tastes_markdown", "write_summary", "write_tastes_summary"]
