@@ -148,9 +148,9 @@ def learned_check(accuracy: dict[str, dict]) -> tuple[str, bool]:
 
 
 RELATIVE_HINT = (
-    "The reward has not shown that it learnt more than the untrained CLIP knew: the community's logs hold little preference "
-    "within a prompt, as when its taste varies mostly between prompts. `demo.community.appeal=relative` has each post judged "
-    "against its prompt's other posts (README, \"Tastes\")."
+    "The reward has not shown that it learnt more than the untrained CLIP knew: its logs are small (`--quick` curates a third "
+    "of them and trains 100 steps) or hold little preference within a prompt, as when the taste varies mostly between prompts; "
+    "for the latter, `demo.community.appeal=relative` has each post judged against its prompt's other posts (README, \"Tastes\")."
 )
 
 
