@@ -127,7 +127,7 @@ def comparisons(arms: list[str], controls: dict[str, str] | None = None, mirrors
 
 def checks(model: dict, accuracy: dict[str, dict]) -> list[tuple[str, bool]]:
     """(description, passed) for each target, for one fine-tuned model."""
-    reward, untrained = accuracy[REWARD]["accuracy"], accuracy[UNTRAINED]["accuracy"]
+    reward = accuracy[REWARD]["accuracy"]
     ceiling = f" (the taste itself: {_pct(accuracy[JUDGE]['accuracy'])})" if JUDGE in accuracy else ""  # a bar above it can't be met
     return [
         (f"judge win-rate {_pct(model['judge_win_rate'])} >= {_pct(TARGETS['judge_win_rate'])}", model["judge_win_rate"] >= TARGETS["judge_win_rate"]),

@@ -483,7 +483,8 @@ def run_finetune(cfg: FinetuneConfig, reward_loader: RewardLoader | None = None)
         if cfg.dpo_sft_weight and regularization is None:
             raise UserError(f"dpo_sft_weight={cfg.dpo_sft_weight} trains on the regularization rows, but {cfg.dataset} has none (set dpo_sft_weight=0)")
         counts = {"pairs": len(pairs), "regularization": 0 if regularization is None else len(regularization)}
-        pair_weights = reward_gap_weights(pairs, f"{cfg.dataset}/pairs") if cfg.dpo_gap_weighting else None
+        if cfg.dpo_gap_weighting:
+            pair_weights = reward_gap_weights(pairs, f"{cfg.dataset}/pairs")
         table = pair_image_table(pairs, regularization)
     elif not online:
         counts = role_counts(table)
